@@ -1,0 +1,11 @@
+"""mixcli: merge and mix neural networks from a TOML project file."""
+
+__version__ = "0.1.0"
+
+from .components import Evaluator, MergeMethod, ModelLoader, Upscaler  # noqa: E402
+from .errors import MixcliError  # noqa: E402
+from .hookspecs import hookimpl  # noqa: E402
+from .params import REQUIRED, param  # noqa: E402
+
+__all__ = ["Evaluator", "MergeMethod", "ModelLoader", "Upscaler", "MixcliError", "hookimpl",
+           "param", "REQUIRED", "__version__"]

@@ -1,0 +1,217 @@
+"""The command line: parses, calls the core, renders with rich. Heavy imports stay inside
+the commands that need them, so ``mixcli --help`` and ``mixcli list-methods`` are fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import MixcliError
+
+
+class MixcliGroup(click.Group):
+    """Turns a MixcliError from any command, plugins' included, into one line and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MixcliError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=MixcliGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mixcli")
+def cli():
+    """Merge and mix neural networks from a TOML project file."""
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _warn_broken_plugins(registry) -> None:
+    for warning in registry.warnings:
+        _console(stderr=True).print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
+@cli.command()
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (overrides [output] path).")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--dry-run", is_flag=True, help="Check everything and print the plan; write nothing.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Tensors merged at once (default: cores, at most 4).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def merge(project, out, force, dry_run, workers, no_progress):
+    """Merge the models of PROJECT into one model."""
+    from . import core, engine
+
+    registry = core.get_registry()
+    _warn_broken_plugins(registry)
+    proj, _ = core.load_project(project, registry)
+    target = out or proj.output_path
+    if target is None:
+        raise MixcliError(f"{proj.where}: no output path; add [output] path = \"...\" or pass --out")
+    if not dry_run:
+        engine.check_target(Path(target).absolute(), force)
+    prepared = core.prepare(project)
+    prepared.project.output_path = Path(target)
+    workers = workers or engine.default_workers()
+    if dry_run:
+        _print_plan(core.describe(prepared, workers), target)
+        return
+    written = engine.write_plan(prepared.plan, Path(target), force=force, shard_size=proj.shard_size,
+                                card=core.model_card(prepared), recipe=proj.text,
+                                copy_tokenizer=proj.copy_tokenizer, workers=workers,
+                                progress=not no_progress and sys.stderr.isatty())
+    _console().print(f"[green]wrote[/] {written} ({len(prepared.plan.tensors)} tensors, "
+                     f"{_gb(prepared.plan.output_bytes)})")
+    if proj.evaluations:
+        from .evaluation import evaluate_project, render_results
+
+        results = evaluate_project(prepared.project, written, registry)
+        render_results(results, _console())
+
+
+def _print_plan(plan: dict, target) -> None:
+    from rich.table import Table
+
+    table = Table(title="merge plan (nothing written)", show_header=False)
+    table.add_row("method", plan["method"])
+    table.add_row("base", str(plan["base"]))
+    for name, path in plan["models"].items():
+        table.add_row(f"model {name}", path)
+    table.add_row("parameters", json.dumps(plan["parameters"]))
+    table.add_row("tensors", str(plan["tensors"]))
+    table.add_row("layers", str(plan["layers"]))
+    table.add_row("input read", _gb(plan["input_bytes"]))
+    table.add_row("output size", _gb(plan["output_bytes"]))
+    table.add_row("expected peak memory", _gb(plan["peak_memory_bytes"]) + " (working tensors)")
+    table.add_row("output", str(target))
+    _console().print(table)
+
+
+@cli.command()
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+def validate(project):
+    """Check PROJECT: syntax, method, parameters, models, tensor names and shapes."""
+    from . import core
+
+    prepared = core.prepare(project)
+    _console().print(f"[green]ok[/] {project}: {prepared.project.method}, {len(prepared.models)} models, "
+                     f"{len(prepared.plan.tensors)} output tensors")
+
+
+def _component_rows(registry) -> list[dict]:
+    rows = []
+    groups = [("method", registry.methods), ("evaluator", registry.evaluators)]
+    for key, group in groups:
+        for name, component in sorted(group.items()):
+            provider = registry.provider[(key, name)]
+            rows.append({
+                "name": name, "kind": component.kind, "summary": component.summary,
+                "package": provider.package, "version": provider.version,
+                "parameters": [spec.to_json() for spec in component.param_specs.values()],
+            })
+    return rows
+
+
+@cli.command("list-methods")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_methods(as_json):
+    """Every method and evaluator the installed plugins provide."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    rows = _component_rows(registry)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _warn_broken_plugins(registry)
+    from rich.table import Table
+
+    table = Table(title="mixcli methods", show_lines=True)
+    for column in ("method", "kind", "package", "parameters"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        params = "\n".join(
+            f"[bold]{p['name']}[/]{' (per model)' if p['per_model'] else ''} = "
+            f"{'[red]required[/]' if p['required'] else json.dumps(p['default'])}: {p['help']}"
+            for p in row["parameters"]) or "-"
+        table.add_row(f"[bold]{row['name']}[/]\n{row['summary']}", row["kind"],
+                      f"{row['package']} {row['version']}", params)
+    _console().print(table)
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins_command(as_json):
+    """Installed plugins, and any that failed to load."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    provided: dict[str, list[str]] = {}
+    for (kind, name), info in registry.provider.items():
+        provided.setdefault(info.key, []).append(f"{kind}:{name}")
+    rows = [{"name": p.name, "package": p.package, "version": p.version, "module": p.module,
+             "provides": sorted(provided.get(p.key, [])), "error": p.error} for p in registry.plugins]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "warnings": registry.warnings}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="mixcli plugins")
+    for column in ("package", "version", "module", "provides"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        provides = f"[red]failed to load: {row['error']}[/]" if row["error"] else ", ".join(row["provides"])
+        table.add_row(row["package"], row["version"], row["module"], provides)
+    console = _console()
+    console.print(table)
+    for warning in registry.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+@cli.command()
+@click.argument("method")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("project.toml"),
+              show_default=True, help="Where to write the template.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(method, out, force):
+    """Write a commented template project for METHOD."""
+    from .plugins import get_registry
+    from .template import project_template
+
+    registry = get_registry()
+    component = registry.methods.get(method)
+    if component is None:
+        from .errors import closest
+
+        raise MixcliError(f"unknown method '{method}'{closest(method, registry.methods)}; "
+                          "`mixcli list-methods` shows them all")
+    if out.exists() and not force:
+        raise MixcliError(f"{out} already exists; pass --force to overwrite it")
+    out.write_text(project_template(component))
+    _console().print(f"[green]wrote[/] {out}: fill in the model paths, then `mixcli merge {out}`")
+
+
+def main() -> None:
+    from .plugins import load_plugins, pm
+
+    load_plugins()
+    for impl in pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=cli)
+        except Exception as error:  # a broken plugin must not take the CLI down
+            _console(stderr=True).print(f"[yellow]warning:[/] plugin {impl.plugin_name} could not add "
+                                        f"its commands: {error}", soft_wrap=True)
+    cli(prog_name="mixcli")

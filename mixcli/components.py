@@ -1,0 +1,106 @@
+"""What plugins register: model loaders, merge methods, upscalers, evaluators.
+
+Each is a small frozen record of a name, a one-line summary, a typed parameter dataclass
+(see :mod:`mixcli.params`) and the function that does the work. None of this imports
+torch, so ``mixcli list-methods`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+from .params import ParamSpec, param_specs
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    """A tensor-wise merge: each output tensor is a pure function of same-named inputs.
+
+    ``merge(tensors, base, **params)`` receives the non-base input tensors (all inputs when
+    ``base == "ignored"``), the base tensor or ``None``, shared parameters as scalars and
+    per-model parameters as lists aligned with ``tensors``; random methods also get
+    ``seed`` (an int derived from the project seed and the tensor name). It returns the
+    merged tensor. The engine aligns input dtypes beforehand and casts the result after.
+    """
+
+    name: str
+    summary: str
+    merge: Callable[..., Any]
+    params: type | None = None
+    base: Literal["required", "optional", "ignored"] = "required"
+    min_inputs: int = 1  # non-base inputs (all inputs when the base is ignored)
+    max_inputs: int | None = None
+    random: bool = False
+    # when only some inputs hold an optional tensor (a separate lm_head in tied models):
+    # "merge" merges those that have it, "singleton" copies it if exactly one has it,
+    # "base_or_skip" copies the base's or leaves the tensor out
+    partial_tensors: Literal["merge", "singleton", "base_or_skip"] = "merge"
+    # called at planning time with one tensor's resolved parameters (as ``merge`` gets them,
+    # without tensors); raises MixcliError for values that cannot work, e.g. weights summing to 0
+    check: Callable[..., None] | None = None
+    kind: str = "merge"
+
+    @property
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return param_specs(self.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Upscaler:
+    """A method that builds a new architecture (depth upscaling, MoE upcycling, ...).
+
+    ``build(context)`` receives a :class:`mixcli.plan.BuildContext` (the loaded models,
+    resolved parameters, seed, device) and returns a :class:`mixcli.plan.OutputPlan`: the
+    output config, the output tensors each with a function computing it on demand, and any
+    extra files. The streaming engine writes that plan exactly like a merge.
+    """
+
+    name: str
+    summary: str
+    build: Callable[[Any], Any]
+    params: type | None = None
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    kind: str = "upscale"
+
+    @property
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return param_specs(self.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """Measures a model: ``evaluate(context) -> dict[str, float]``.
+
+    ``context`` is a :class:`mixcli.evaluation.EvalContext`: the model folder, the
+    evaluator's resolved parameters, the project's models (for per-task heads) and the
+    device. Returned metric names become columns of the results table and keys of the
+    results JSON.
+    """
+
+    name: str
+    summary: str
+    evaluate: Callable[[Any], dict]
+    params: type | None = None
+    kind: str = "evaluator"
+
+    @property
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return param_specs(self.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLoader:
+    """Turns a model reference from the project into a :class:`mixcli.checkpoint.Checkpoint`.
+
+    ``accepts(ref)`` says whether this loader handles a :class:`mixcli.project.ModelRef`
+    (loaders registered by later plugins are asked first); ``load(ref)`` returns the
+    checkpoint: its config and lazily readable tensors. Loading must not read tensor data.
+    """
+
+    name: str
+    summary: str
+    accepts: Callable[[Any], bool]
+    load: Callable[[Any], Any]
+    kind: str = "loader"

@@ -1,0 +1,170 @@
+"""The streaming engine: computes a plan's tensors on all cores and writes them straight to
+sharded safetensors in a temporary folder beside the target, renamed into place at the end."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import __version__
+from .errors import MixcliError
+from .plan import OutputPlan
+from .safetensors_io import ShardedWriter
+
+DONOR_FILES = ("generation_config.json",)
+SPACE_MARGIN = 16 * 2**20
+
+
+def check_target(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise MixcliError(f"{target} already exists; pass --force to replace it, or choose another "
+                          "output path (--out or [output] path)")
+    if target.exists() and not target.is_dir():
+        raise MixcliError(f"{target} exists and is not a folder; remove it or choose another output path")
+
+
+def _check_space(folder: Path, needed: int, target: Path) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise MixcliError(f"no space left on the device for {target}: the output needs "
+                          f"{needed / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; free some space or "
+                          "choose another output path")
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def write_plan(plan: OutputPlan, target: Path, *, force: bool = False, shard_size: int = 2 * 10**9,
+               card: str = "", recipe: str = "", copy_tokenizer: bool = True,
+               workers: int | None = None, progress: bool = True) -> Path:
+    """Write ``plan`` to ``target`` atomically; return ``target``."""
+    import torch
+
+    target = Path(target).absolute()
+    check_target(target, force)
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MixcliError(f"cannot create the output folder {parent} ({error.strerror})") from None
+    _check_space(parent, plan.output_bytes, target)
+    workers = workers or default_workers()
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    writer = None
+    threads = torch.get_num_threads()
+    try:
+        writer = ShardedWriter(scratch, [(t.name, t.dtype, t.shape) for t in plan.tensors], shard_size,
+                               metadata={"mixcli_version": __version__})
+        # one tensor per core: elementwise merges scale better across tensors than inside one
+        torch.set_num_threads(1 if workers > 1 else threads)
+        _run(plan, writer, workers, progress)
+        writer.close()
+        _write_files(plan, scratch, card, recipe, copy_tokenizer)
+        if plan.finalize is not None:
+            plan.finalize(scratch)
+        _replace(scratch, target)
+    except OSError as error:
+        _discard(writer, scratch)
+        if error.errno == errno.ENOSPC:
+            raise MixcliError(f"no space left on the device while writing {target}; nothing was "
+                              "written: free some space or choose another output path") from None
+        raise
+    except BaseException:
+        _discard(writer, scratch)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    return target
+
+
+def _discard(writer, scratch: Path) -> None:
+    if writer is not None:
+        try:
+            writer.close()
+        except OSError:
+            pass
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _replace(scratch: Path, target: Path) -> None:
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "previous")
+        os.replace(scratch, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(scratch, target)
+
+
+def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) -> None:
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    total = sum(t.input_bytes for t in plan.tensors) or 1
+    lock = threading.Lock()
+
+    def work(tensor):
+        result = tensor.compute()
+        writer.write(tensor.name, result)
+        del result
+        for ckpt, name in tensor.reads:
+            ckpt.release(name)
+        return tensor
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("merging", total=total)
+        done = 0
+
+        def advance(tensor):
+            nonlocal done
+            with lock:
+                done += 1
+                bar.update(task, advance=tensor.input_bytes or 1,
+                           description=f"merging {done}/{len(plan.tensors)}")
+
+        if workers == 1:
+            for tensor in plan.tensors:
+                advance(work(tensor))
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            pending = deque()
+            try:
+                for tensor in plan.tensors:
+                    pending.append(pool.submit(work, tensor))
+                    # bounded look-ahead keeps memory at a few tensors, not the model
+                    while len(pending) > workers:
+                        advance(pending.popleft().result())
+                while pending:
+                    advance(pending.popleft().result())
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+
+
+def _write_files(plan: OutputPlan, folder: Path, card: str, recipe: str, copy_tokenizer: bool) -> None:
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    donor = plan.donor
+    if donor is not None:
+        for name in DONOR_FILES:
+            if (donor.path / name).is_file():
+                shutil.copyfile(donor.path / name, folder / name)
+        if copy_tokenizer:
+            for path in donor.tokenizer_files():
+                shutil.copyfile(path, folder / path.name)
+    for name, content in plan.extra_files.items():
+        (folder / name).write_bytes(content)
+    if recipe:
+        (folder / "mixcli.toml").write_text(recipe)
+    if card:
+        (folder / "README.md").write_text(card)

@@ -1,0 +1,128 @@
+"""Plans: which output tensors to write and how each is computed, decided from configs and
+safetensors headers alone, so every mistake surfaces before a weight is read."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import Checkpoint
+from .project import Project
+from .safetensors_io import ITEM_SIZE
+
+LAYER = re.compile(r"(^|\.)(layers|layer|h|blocks)\.(\d+)\.")
+# names under which a tied model keeps its output embedding
+TIED_NAMES = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight",
+                                 "model.decoder.embed_tokens.weight", "embed_tokens.weight")}
+PRE_LAYER_HINTS = ("embed", "wte", "wpe", "patch", "position", "cls_token", "mask_token")
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the output: its name, shape and dtype, and how to compute it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code of the written tensor
+    compute: Callable[[], Any]
+    reads: list[tuple[Checkpoint, str]] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # resolved parameters, for --dry-run and the card
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * ITEM_SIZE[self.dtype]
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(ckpt.tensors[name].nbytes for ckpt, name in self.reads)
+
+
+@dataclass
+class OutputPlan:
+    """What the engine writes: config, tensors, and the donor of tokenizer files."""
+
+    config: dict
+    tensors: list[OutputTensor]
+    donor: Checkpoint | None = None
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+    finalize: Callable[[Path], None] | None = None  # last step inside the temporary folder
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.input_bytes for t in self.tensors)
+
+    def peak_bytes(self, workers: int) -> int:
+        """A generous bound on working memory: the largest groups in flight, float32."""
+        sizes = sorted((prod(t.shape) * 4 * (len(t.reads) + 3) for t in self.tensors), reverse=True)
+        return sum(sizes[: workers + 1])
+
+
+@dataclass
+class BuildContext:
+    """What an :class:`mixcli.Upscaler` receives."""
+
+    project: Project
+    models: dict[str, Checkpoint]
+    params: dict  # shared parameters, by field name
+    model_params: dict[str, dict]  # per-model parameters, model name -> field name -> value
+    seed: int
+    device: str = "cpu"
+
+
+def split_layer_name(name: str) -> tuple[str, int] | None:
+    """``model.layers.3.mlp.up_proj.weight`` → (``model.layers.{}.mlp.up_proj.weight``, 3)."""
+    match = LAYER.search(name)
+    if match is None:
+        return None
+    start, end = match.span(3)
+    return name[:start] + "{}" + name[end:], int(match.group(3))
+
+
+def layer_templates(ckpt: Checkpoint) -> tuple[dict[int, set[str]], list[str]]:
+    """Per layer index the set of name templates, and the names outside the layers."""
+    layers: dict[int, set[str]] = {}
+    others = []
+    for name in ckpt.tensors:
+        split = split_layer_name(name)
+        if split is None:
+            others.append(name)
+        else:
+            layers.setdefault(split[1], set()).add(split[0])
+    return layers, sorted(others)
+
+
+def is_pre_layer(name: str) -> bool:
+    return any(hint in name for hint in PRE_LAYER_HINTS)
+
+
+def rescale_layer_lists(config: dict, old: int, mapping: list[int]) -> dict:
+    """Config lists with one entry per layer (``layer_types``...) follow the layer mapping."""
+    config = copy.deepcopy(config)
+    for key, value in list(config.items()):
+        if isinstance(value, list) and len(value) == old and old > 1 and key != "architectures":
+            config[key] = [value[i] for i in mapping]
+        elif isinstance(value, dict) and key.endswith("_config"):
+            config[key] = rescale_layer_lists(value, old, mapping)
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if isinstance(config.get(key), int):
+            config[key] = len(mapping)
+    return config
+
+
+def set_dtype(config: dict, dtype: str) -> None:
+    present = [k for k in ("dtype", "torch_dtype") if k in config]
+    for key in present or ["dtype"]:
+        config[key] = dtype
+
+
+def output_dtype_name(code: str) -> str:
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(code, "float32")

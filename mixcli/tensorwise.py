@@ -1,0 +1,276 @@
+"""Planning a tensor-wise merge: groups of same-named tensors across the models (remapped
+through [[slices]]), with every parameter resolved per tensor before anything is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+
+from .checkpoint import Checkpoint
+from .components import MergeMethod
+from .errors import MixcliError
+from .params import NOTHING, resolve
+from .plan import (TIED_NAMES, OutputPlan, OutputTensor, is_pre_layer, layer_templates,
+                   output_dtype_name, rescale_layer_lists, set_dtype)
+from .project import Project
+from .safetensors_io import torch_dtype
+from .seeding import derive_seed
+
+@dataclass
+class _Source:
+    model: str
+    ckpt: Checkpoint
+    start: int
+    params: dict
+    where: str
+
+
+@dataclass
+class _Slice:
+    sources: list[_Source]
+    length: int
+    base: str | None
+    params: dict
+    where: str
+
+
+def _slices(project: Project, models: dict[str, Checkpoint]) -> list[_Slice]:
+    if project.slices is None:
+        sources = [_Source(name, ckpt, 0, {}, project.models[name].where) for name, ckpt in models.items()]
+        lengths = {s.ckpt.num_layers or 0 for s in sources}
+        if len(lengths) > 1:
+            counts = ", ".join(f"'{s.model}' {s.ckpt.num_layers}" for s in sources)
+            raise MixcliError(f"{project.where}: [models] have different layer counts ({counts}); "
+                              "merge them layer by layer with [[slices]]")
+        return [_Slice(sources, lengths.pop(), project.base, {}, f"{project.where}: [models]")]
+    out = []
+    for piece in project.slices:
+        sources, lengths = [], set()
+        for source in piece.sources:
+            ckpt = models[source.model]
+            total = ckpt.num_layers
+            start, end = source.layer_range or (0, total or 0)
+            if total is None and source.layer_range is not None:
+                raise MixcliError(f"{source.where}: model '{source.model}' has no layer count in its "
+                                  "config.json, so layer_range cannot apply")
+            if end > (total or 0):
+                raise MixcliError(f"{source.where}: layer_range [{start}, {end}] is out of range: "
+                                  f"model '{source.model}' has {total} layers (0..{total - 1})")
+            sources.append(_Source(source.model, ckpt, start, source.params, source.where))
+            lengths.add(end - start)
+        if len(lengths) > 1:
+            raise MixcliError(f"{piece.where}: all sources must span the same number of layers, got "
+                              f"{sorted(lengths)}")
+        out.append(_Slice(sources, lengths.pop(), piece.base or project.base, piece.params, piece.where))
+    return out
+
+
+def _global_setting(project: Project, key: str, model: str | None = None):
+    """[method] value with [[method.overrides]] in front of it, as one filtered list."""
+    entries = [{"filter": o.match, "value": o.params[key]} for o in project.overrides
+               if key in o.params and (o.models is None or model is None or model in o.models)]
+    if key in project.params:
+        entries.append({"filter": None, "value": project.params[key]})
+    return entries or NOTHING
+
+
+def _member_name(source: _Source, name: str, tensor: str) -> str:
+    """The name under which ``source`` stores ``name``: itself, or a tied alias."""
+    if name in source.ckpt.tensors:
+        return name
+    for alias in TIED_NAMES.get(name, ()):
+        if alias in source.ckpt.tensors:
+            return alias
+    raise MixcliError(f"{source.where}: model '{source.model}' has no tensor '{name}' (needed for "
+                      f"output tensor '{tensor}'); the models must share one architecture")
+
+
+class _Planner:
+    def __init__(self, project: Project, method: MergeMethod, models: dict[str, Checkpoint]):
+        self.project = project
+        self.method = method
+        self.models = models
+        self.specs = method.param_specs
+        self.compute_dtype = project.compute_dtype
+
+    def group(self, piece: _Slice, out_name: str, in_names: list[str], position: float) -> OutputTensor:
+        method, project = self.method, self.project
+        members = [(s, _member_name(s, n, out_name)) for s, n in zip(piece.sources, in_names)]
+        infos = [s.ckpt.tensors[n] for s, n in members]
+        for (source, name), info in zip(members[1:], infos[1:]):
+            if info.shape != infos[0].shape:
+                raise MixcliError(
+                    f"tensor '{out_name}': model '{members[0][0].model}' has shape {list(infos[0].shape)} "
+                    f"but model '{source.model}' has {list(info.shape)}; the models must share one architecture")
+        floating = {info.floating for info in infos}
+        if len(floating) > 1:
+            raise MixcliError(f"tensor '{out_name}': floating and integer versions across the models")
+        base_index = None
+        if method.base != "ignored" and piece.base is not None:
+            base_index = next(i for i, s in enumerate(piece.sources) if s.model == piece.base)
+        others = [i for i in range(len(members)) if i != base_index]
+        where = f"tensor '{out_name}'"
+        shared = {}
+        for key, spec in self.specs.items():
+            if spec.per_model:
+                continue
+            levels = [piece.params.get(key, NOTHING), _global_setting(project, key)]
+            shared[spec.field] = resolve(spec, levels, out_name, position, f"{piece.where}, {where}")
+        per_model = {}
+        for key, spec in self.specs.items():
+            if not spec.per_model:
+                continue
+            values = []
+            for i in others:
+                source, name = members[i]
+                levels = [source.params.get(key, NOTHING), project.models[source.model].params.get(key, NOTHING),
+                          piece.params.get(key, NOTHING), _global_setting(project, key, source.model)]
+                values.append(resolve(spec, levels, name, position, f"model '{source.model}', {where}"))
+            per_model[spec.field] = values
+        if floating == {True}:
+            codes = [info.dtype for info in infos]
+            if project.dtype:
+                codes = [_code(project.dtype)] * len(codes)
+            out_code = _code(project.out_dtype) if project.out_dtype else _promote(codes)
+        else:
+            out_code = infos[0].dtype
+        seed = derive_seed(project.seed, out_name) if method.random else None
+        if method.check is not None:  # reject parameter values that cannot work, before reading
+            try:
+                method.check(**shared, **per_model)
+            except MixcliError as error:
+                raise MixcliError(f"{where}: {error}") from None
+        reads = [(s.ckpt, n) for s, n in members]
+        compute = _Compute(self, out_name, reads, base_index, others, shared, per_model, seed, out_code,
+                           floating == {True})
+        details = {k: v for k, v in shared.items()}
+        details.update({k: v for k, v in per_model.items()})
+        details["models"] = [members[i][0].model for i in others]
+        if base_index is not None:
+            details["base"] = members[base_index][0].model
+        return OutputTensor(out_name, infos[0].shape, out_code, compute, reads, details)
+
+
+def _code(name: str) -> str:
+    return {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}[name]
+
+
+def _promote(codes: list[str]) -> str:
+    """torch.promote_types over floating dtype codes, without importing torch."""
+    kinds = set(codes)
+    if len(kinds) == 1:
+        return codes[0]
+    for wide in ("F64", "F32"):
+        if wide in kinds:
+            return wide
+    return "F32"  # bfloat16 with float16 (or float8) promotes to float32
+
+
+class _Compute:
+    """Computes one output tensor on demand (a class, not a closure, so plans stay readable)."""
+
+    def __init__(self, planner, name, reads, base_index, others, shared, per_model, seed, out_code, floating):
+        self.method = planner.method
+        self.load_dtype = planner.project.dtype
+        self.compute_dtype = planner.compute_dtype
+        self.name, self.reads, self.base_index, self.others = name, reads, base_index, others
+        self.shared, self.per_model, self.seed, self.out_code, self.floating = \
+            shared, per_model, seed, out_code, floating
+
+    def __call__(self):
+        import torch
+
+        tensors = [ckpt.tensor(name) for ckpt, name in self.reads]
+        if not self.floating:
+            for (ckpt, name), tensor in zip(self.reads[1:], tensors[1:]):
+                if not torch.equal(tensor, tensors[0]):
+                    raise MixcliError(f"tensor '{self.name}': integer tensor differs between models "
+                                      f"('{self.reads[0][0].name}' and '{ckpt.name}'); it cannot be merged")
+            return tensors[0]
+        if self.load_dtype:
+            tensors = [t.to(getattr(torch, self.load_dtype)) for t in tensors]
+        working = reduce(torch.promote_types, (t.dtype for t in tensors))
+        if self.compute_dtype:
+            working = getattr(torch, self.compute_dtype)
+        tensors = [t.to(working) for t in tensors]
+        kwargs = dict(self.shared)
+        kwargs.update(self.per_model)
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        base = tensors[self.base_index] if self.base_index is not None else None
+        try:
+            result = self.method.merge([tensors[i] for i in self.others], base, **kwargs)
+        except MixcliError as error:
+            raise MixcliError(f"tensor '{self.name}': {error}") from None
+        if tuple(result.shape) != tuple(tensors[0].shape):
+            raise RuntimeError(f"method '{self.method.name}' returned shape {list(result.shape)} for "
+                               f"'{self.name}', expected {list(tensors[0].shape)}")
+        return result.to(torch_dtype(self.out_code))
+
+
+def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoint]) -> OutputPlan:
+    """The output plan of a tensor-wise merge; raises MixcliError on any inconsistency."""
+    pieces = _slices(project, models)
+    planner = _Planner(project, method, models)
+    for piece in pieces:
+        names = [s.model for s in piece.sources]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate and method.base != "ignored":
+            raise MixcliError(f"{piece.where}: model '{duplicate}' is listed twice")
+        inputs = len(names)
+        if method.base == "required" and piece.base is None:
+            raise MixcliError(f"{project.where}: [method] method '{method.name}' needs a base model; "
+                              f"add base = \"<one of: {', '.join(project.models)}>\"")
+        if method.base != "ignored" and piece.base is not None:
+            if piece.base not in names:
+                raise MixcliError(f"{piece.where}: the base model '{piece.base}' must be one of the sources")
+            inputs -= 1
+        low, high = method.min_inputs, method.max_inputs
+        if inputs < low or (high is not None and inputs > high):
+            count = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+            besides = " besides the base" if method.base != "ignored" else ""
+            raise MixcliError(f"{piece.where}: method '{method.name}' takes {count} model(s){besides}, got {inputs}")
+
+    first, last = pieces[0], pieces[-1]
+    ref_layers = []
+    tensors: list[OutputTensor] = []
+    _, first_others = layer_templates(first.sources[0].ckpt)
+    pre = [n for n in first_others if len(pieces) == 1 or is_pre_layer(n)]
+    tensors += [planner.group(first, n, [n] * len(first.sources), 0.0) for n in pre]
+    out_index = 0
+    for piece in pieces:
+        layers = [layer_templates(s.ckpt)[0] for s in piece.sources]
+        for j in range(piece.length):
+            position = j / (piece.length - 1) if piece.length > 1 else 1.0
+            reference = layers[0].get(piece.sources[0].start + j, set())
+            for source, source_layers in zip(piece.sources[1:], layers[1:]):
+                theirs = source_layers.get(source.start + j, set())
+                if theirs != reference:
+                    odd = sorted(theirs ^ reference)[0].format(source.start + j)
+                    raise MixcliError(f"{piece.where}: layer {piece.sources[0].start + j} of "
+                                      f"'{piece.sources[0].model}' and layer {source.start + j} of "
+                                      f"'{source.model}' hold different tensors (first: '{odd}')")
+            for template in sorted(reference):
+                in_names = [template.format(s.start + j) for s in piece.sources]
+                tensors.append(planner.group(piece, template.format(out_index), in_names, position))
+            ref_layers.append(piece.sources[0].start + j)
+            out_index += 1
+    if len(pieces) > 1:
+        _, last_others = layer_templates(last.sources[0].ckpt)
+        post = [n for n in last_others if not is_pre_layer(n)]
+        tensors += [planner.group(last, n, [n] * len(last.sources), 0.0) for n in post]
+
+    donor = models[project.base] if project.base else first.sources[0].ckpt
+    donor_layers = donor.num_layers
+    config = donor.config
+    if project.slices is not None and donor_layers is not None:
+        config = rescale_layer_lists(config, donor_layers, ref_layers)
+    else:
+        config = dict(config)
+    floating = [t.dtype for t in tensors if t.dtype in ("F32", "F16", "BF16", "F64")]
+    if floating:
+        set_dtype(config, output_dtype_name(max(set(floating), key=floating.count)))
+    names = {t.name for t in tensors}
+    if "lm_head.weight" in names and config.get("tie_word_embeddings", True):
+        config["tie_word_embeddings"] = False  # a written head must not be ignored on load
+    return OutputPlan(config=config, tensors=tensors, donor=donor)

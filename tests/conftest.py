@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory):
+    return tiny_models.build_family(tmp_path_factory.mktemp("llama"), "llama", experts=3)
+
+
+@pytest.fixture(scope="session")
+def llama_bf16_family(tmp_path_factory):
+    import torch
+
+    return tiny_models.build_family(tmp_path_factory.mktemp("llama_bf16"), "llama", experts=2,
+                                    dtype=torch.bfloat16, seed=3)
+
+
+@pytest.fixture(scope="session")
+def mistral_family(tmp_path_factory):
+    return tiny_models.build_family(tmp_path_factory.mktemp("mistral"), "mistral", experts=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tied_family(tmp_path_factory):
+    return tiny_models.build_family(tmp_path_factory.mktemp("tied"), "llama", experts=2, seed=2, tie=True)
+
+
+def write_project(folder: Path, text: str, name: str = "project.toml") -> Path:
+    path = Path(folder) / name
+    path.write_text(text)
+    return path
