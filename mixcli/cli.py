@@ -181,6 +181,62 @@ def plugins_command(as_json):
         console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
 
 
+@cli.command("eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--evaluator", "evaluators", multiple=True, help="Evaluator to run on a model folder (repeatable).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Evaluator parameter, VALUE in TOML syntax (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the forward passes.")
+def eval_command(target, evaluators, params, device):
+    """Evaluate TARGET: a project file (its output, by its [[evaluation]] entries) or a model folder."""
+    from .evaluation import evaluate_project, render_results, run_evaluator, write_results
+    from .plugins import get_registry
+
+    registry = get_registry()
+    if target.is_file() and target.suffix == ".toml":
+        from .core import load_project
+
+        project, _ = load_project(target, registry)
+        if not project.evaluations:
+            raise MixcliError(f"{target}: no [[evaluation]] entries; add one or use --evaluator")
+        if project.output_path is None or not project.output_path.is_dir():
+            raise MixcliError(f"{target}: the output {project.output_path} does not exist yet; run "
+                              f"`mixcli merge {target}` first")
+        rows = evaluate_project(project, project.output_path, registry, device)
+    else:
+        if not target.is_dir():
+            raise MixcliError(f"{target}: neither a project file nor a model folder")
+        if not evaluators:
+            raise MixcliError("give at least one --evaluator (see `mixcli list-methods`)")
+        settings = _parse_params(params)
+        rows = []
+        for name in evaluators:
+            evaluator = registry.evaluators.get(name)
+            if evaluator is None:
+                from .errors import closest
+
+                raise MixcliError(f"--evaluator: unknown evaluator '{name}'{closest(name, registry.evaluators)}")
+            metrics = run_evaluator(evaluator, target, settings, f"--evaluator {name}", device=device)
+            rows.append({"model": str(target), "evaluator": name, "metrics": metrics})
+        write_results(rows, Path(str(target).rstrip("/") + ".eval.json"))
+    render_results(rows, _console())
+
+
+def _parse_params(pairs) -> dict:
+    import tomli
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise MixcliError(f"--param {pair!r}: write it as KEY=VALUE")
+        try:
+            settings[key.strip()] = tomli.loads(f"v = {value}")["v"]
+        except tomli.TOMLDecodeError:
+            settings[key.strip()] = value  # a bare word is a string
+    return settings
+
+
 @cli.command()
 @click.argument("method")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("project.toml"),

@@ -68,7 +68,7 @@ def load_plugins() -> list[PluginInfo]:
 def _collect(hook_name: str, kind: str, into: dict, registry: Registry, infos: dict) -> None:
     hook = getattr(pm.hook, hook_name)
     # oldest registration first, so built-ins win a name clash and plugins cannot hijack them
-    for impl in reversed(hook.get_hookimpls()):
+    for impl in hook.get_hookimpls():  # registration order
         info = infos.get(impl.plugin_name)
 
         def register(component, info=info):

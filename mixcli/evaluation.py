@@ -1,0 +1,82 @@
+"""Running evaluators on a model folder, and showing what they measured."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MixcliError, closest
+from .params import NOTHING, check_setting, resolve
+
+
+@dataclass
+class EvalContext:
+    """What an :class:`mixcli.Evaluator` receives."""
+
+    model_path: Path  # the folder to measure
+    params: dict  # the evaluator's parameters, by field name
+    models: dict[str, Path] = field(default_factory=dict)  # the project's models (for per-task heads)
+    base_dir: Path = Path(".")  # relative data paths are resolved against this
+    device: str = "cpu"
+
+    def path(self, value: str) -> Path:
+        """A data path from the parameters, relative to the project file."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+
+def resolve_params(evaluator, settings: dict, where: str) -> dict:
+    specs = evaluator.param_specs
+    params = {}
+    for key, setting in settings.items():
+        if key not in specs:
+            raise MixcliError(f"{where}: unknown parameter '{key}' for evaluator '{evaluator.name}'"
+                              f"{closest(key, specs)}")
+        settings[key] = check_setting(specs[key], setting, where)
+    for key, spec in specs.items():
+        params[spec.field] = resolve(spec, [settings.get(key, NOTHING)], "", 0.0, where)
+    return params
+
+
+def run_evaluator(evaluator, model_path: Path, settings: dict, where: str, models=None,
+                  base_dir: Path = Path("."), device: str = "cpu") -> dict:
+    from .plugins import register_architectures
+
+    register_architectures()
+    context = EvalContext(Path(model_path), resolve_params(evaluator, dict(settings), where),
+                          dict(models or {}), Path(base_dir), device)
+    metrics = evaluator.evaluate(context)
+    if not isinstance(metrics, dict):
+        raise RuntimeError(f"evaluator '{evaluator.name}' returned {type(metrics).__name__}, not a dict")
+    return metrics
+
+
+def evaluate_project(project, model_path: Path, registry, device: str = "cpu") -> list[dict]:
+    """Run the project's [[evaluation]] entries on ``model_path``; write ``<output>.eval.json``."""
+    models = {name: ref.resolved_path for name, ref in project.models.items()}
+    rows = []
+    for spec in project.evaluations:
+        evaluator = registry.evaluators[spec.evaluator]
+        metrics = run_evaluator(evaluator, model_path, spec.params, spec.where, models,
+                                project.file.resolve().parent, device)
+        rows.append({"model": str(model_path), "evaluator": spec.evaluator, "metrics": metrics})
+    write_results(rows, Path(str(model_path).rstrip("/") + ".eval.json"))
+    return rows
+
+
+def write_results(rows: list[dict], path: Path) -> None:
+    path.write_text(json.dumps(rows, indent=2, default=float) + "\n")
+
+
+def render_results(rows: list[dict], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="evaluation")
+    for column in ("model", "evaluator", "metric", "value"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        for metric, value in row["metrics"].items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            table.add_row(Path(row["model"]).name, row["evaluator"], metric, shown)
+    console.print(table)

@@ -1,0 +1,130 @@
+"""Entry-point discovery and every hook, through a real third-party plugin installed with pip."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_models
+from conftest import write_project
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A folder holding the example plugin (installed by pip) and a plugin that cannot import."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT / "examples" / "mixcli-example-plugin")],
+                   check=True, capture_output=True)
+    broken = target / "mixcli_broken_plugin-0.1.dist-info"
+    broken.mkdir()
+    (broken / "METADATA").write_text("Metadata-Version: 2.1\nName: mixcli-broken-plugin\nVersion: 0.1\n")
+    (broken / "entry_points.txt").write_text("[mixcli]\nbroken = mixcli_broken_plugin\n")
+    (target / "mixcli_broken_plugin.py").write_text("import a_module_that_does_not_exist\n")
+    return target
+
+
+def mixcli(site, *args, cwd=None, check=True):
+    env = dict(os.environ, COLUMNS="200",
+               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "mixcli", *map(str, args)], capture_output=True,
+                            text=True, env=env, cwd=cwd)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_list_methods_shows_the_plugin_methods_with_their_package(site):
+    rows = {row["name"]: row for row in json.loads(mixcli(site, "list-methods", "--json").stdout)}
+    assert rows["example_scale"]["kind"] == "merge"
+    assert rows["example_scale"]["package"] == "mixcli-example-plugin"
+    assert rows["example_scale"]["version"] == "0.1.0"
+    assert rows["example_scale"]["parameters"][0]["name"] == "factor"
+    assert rows["example_scale"]["parameters"][0]["default"] == 1.0
+    assert rows["example_repeat_layers"]["kind"] == "upscale"
+    assert rows["example_tensor_count"]["kind"] == "evaluator"
+    table = mixcli(site, "list-methods").stdout
+    assert "example_scale" in table and "mixcli-example-plugin 0.1.0" in table
+
+
+def test_a_plugin_that_fails_to_import_is_a_warning_not_a_failure(site):
+    listing = json.loads(mixcli(site, "plugins", "--json").stdout)
+    broken = next(p for p in listing["plugins"] if p["package"] == "mixcli-broken-plugin")
+    assert "ModuleNotFoundError" in broken["error"]
+    assert any("mixcli-broken-plugin" in w and "failed to load" in w for w in listing["warnings"])
+    example = next(p for p in listing["plugins"] if p["package"] == "mixcli-example-plugin")
+    assert "loader:example_link" in example["provides"] and example["error"] is None
+    assert "failed to load" in mixcli(site, "plugins").stdout
+
+
+def test_register_commands_adds_a_cli_command(site):
+    assert mixcli(site, "example-hello", "bob").stdout == "hello, bob\n"
+    assert "example-hello" in mixcli(site, "--help").stdout
+
+
+def test_merge_method_loader_and_evaluator_hooks_end_to_end(site, tmp_path, llama_family):
+    (tmp_path / "pointer.txt").write_text(str(llama_family["ft1"]))
+    project = write_project(tmp_path, """
+[models]
+a = "link:pointer.txt"
+[method]
+name = "example_scale"
+factor = 0.5
+[output]
+path = "out"
+[[evaluation]]
+evaluator = "example_tensor_count"
+match = "mlp"
+""")
+    mixcli(site, "merge", project)
+    source = tiny_models.load_tensors(llama_family["ft1"])
+    merged = tiny_models.load_tensors(tmp_path / "out")
+    assert merged.keys() == source.keys()
+    assert all(torch.equal(merged[k], source[k] * 0.5) for k in source)
+    results = json.loads((tmp_path / "out.eval.json").read_text())
+    assert results[0]["metrics"] == {"tensors": 12, "elements": 12 * 64 * 160}
+
+
+def test_upscaler_hook_builds_a_new_architecture(site, tmp_path, llama_family):
+    project = write_project(tmp_path, f"""
+[models]
+a = "{llama_family['ft2']}"
+[method]
+name = "example_repeat_layers"
+times = 2
+[output]
+path = "deep"
+""")
+    mixcli(site, "merge", project)
+    config = json.loads((tmp_path / "deep" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 8
+    source = tiny_models.load_tensors(llama_family["ft2"])
+    deep = tiny_models.load_tensors(tmp_path / "deep")
+    for out_layer in range(8):
+        name = f"model.layers.{out_layer}.mlp.up_proj.weight"
+        assert torch.equal(deep[name], source[f"model.layers.{out_layer // 2}.mlp.up_proj.weight"])
+    assert torch.isfinite(tiny_models.logits(tmp_path / "deep")).all()
+
+
+def test_register_architectures_reaches_transformers_auto_classes(site):
+    code = ("from mixcli.plugins import register_architectures; register_architectures(); "
+            "from transformers import AutoConfig, AutoModel; c = AutoConfig.for_model('mixcli-example'); "
+            "print(type(c).__name__, AutoModel._model_mapping[type(c)].__name__)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["ExampleConfig", "ExampleModel"]
+
+
+def test_help_and_list_methods_do_not_import_torch(site):
+    code = ("import sys, runpy; sys.argv = ['mixcli', 'list-methods', '--json'];\n"
+            "try:\n    runpy.run_module('mixcli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stderr.strip().endswith("NO-TORCH"), out.stderr
