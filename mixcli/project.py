@@ -271,7 +271,7 @@ def check(project: Project, registry) -> Any:
             if not allow_shared and not spec.per_model:
                 raise MixcliError(f"{where}: parameter '{key}' of '{method.name}' is shared by all models; "
                                   "set it under [method] (or a [[method.overrides]] entry), not per model")
-            check_setting(spec, setting, where)
+            params[key] = check_setting(spec, setting, where)  # typed and normalised from here on
 
     check_params(project.params, f"{name}: [method]", True)
     for override in project.overrides:

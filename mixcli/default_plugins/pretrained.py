@@ -28,10 +28,10 @@ def _folder(ref) -> Path:
 
         return Path(snapshot_download(ref.path, revision=ref.revision, allow_patterns=HUB_PATTERNS))
     except Exception as error:  # offline, unknown repo, gated: all the user's to fix
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise MixcliError(f"{ref.where}: '{ref.path}' is not a local folder and could not be fetched "
-                          f"from the Hugging Face Hub ({reason}); download it first and give its "
-                          "local path") from None
+        reason = (str(error).split(". ")[0] or type(error).__name__).strip().rstrip(".")
+        raise MixcliError(f"{ref.where}: '{ref.path}' is neither a local folder (looked at {local}) nor "
+                          f"available from the Hugging Face Hub ({reason}); fix the path, or download "
+                          "the model first and give its local path") from None
 
 
 class PickledFile:

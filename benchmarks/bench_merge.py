@@ -1,0 +1,171 @@
+"""Time and memory of mixcli merges of three ~0.85 B-parameter bf16 Llamas.
+
+Builds (once, seeded) three Llama-layout models -- hidden 2048, intermediate 5632, 16 layers,
+16 heads, 4 KV heads, vocabulary 32000, untied head: 0.853 B parameters, 1.7 GB each in
+500 MB shards -- then runs `mixcli merge` for linear, ties, dare_ties and slerp with the
+page cache warm, printing wall seconds, peak RSS (heap and mapped file pages apart) and the
+input read rate.
+
+    python benchmarks/bench_merge.py [--root .bench] [--only linear,ties] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SHAPE = dict(hidden=2048, intermediate=5632, layers=16, heads=16, kv_heads=4, vocab=32000)
+
+RECIPES = {
+    "linear": """
+[models]
+base = {{ path = "base", weight = 0.4 }}
+ft1 = {{ path = "ft1", weight = 0.3 }}
+ft2 = {{ path = "ft2", weight = 0.3 }}
+[method]
+name = "linear"
+dtype = "bfloat16"
+""",
+    "ties": """
+[models]
+base = "base"
+ft1 = {{ path = "ft1", weight = 0.5, density = 0.5 }}
+ft2 = {{ path = "ft2", weight = 0.5, density = 0.5 }}
+[method]
+name = "ties"
+base = "base"
+dtype = "bfloat16"
+""",
+    "dare_ties": """
+[models]
+base = "base"
+ft1 = {{ path = "ft1", weight = 0.5, density = 0.5 }}
+ft2 = {{ path = "ft2", weight = 0.5, density = 0.5 }}
+[method]
+name = "dare_ties"
+base = "base"
+dtype = "bfloat16"
+seed = 0
+""",
+    "slerp": """
+[models]
+ft1 = "ft1"
+ft2 = "ft2"
+[method]
+name = "slerp"
+base = "ft1"
+dtype = "bfloat16"
+t = [{{ filter = "self_attn", value = [0, 0.5, 0.3, 0.7, 1] }}, {{ filter = "mlp", value = [1, 0.5, 0.7, 0.3, 0] }}, {{ value = 0.5 }}]
+""",
+}
+
+
+def tensor_shapes():
+    h, i, v, kv = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["vocab"], SHAPE["hidden"] // SHAPE["heads"] * SHAPE["kv_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for layer in range(SHAPE["layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    return shapes
+
+
+def build(root: Path) -> None:
+    import torch
+
+    from mixcli.safetensors_io import ShardedWriter
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": SHAPE["hidden"],
+              "intermediate_size": SHAPE["intermediate"], "num_hidden_layers": SHAPE["layers"],
+              "num_attention_heads": SHAPE["heads"], "num_key_value_heads": SHAPE["kv_heads"],
+              "vocab_size": SHAPE["vocab"], "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "dtype": "bfloat16"}
+    shapes = tensor_shapes()
+    for index, name in enumerate(("base", "ft1", "ft2")):
+        folder = root / name
+        if (folder / "config.json").exists():
+            continue
+        print(f"building {folder} ...", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        writer = ShardedWriter(folder, [(n, "BF16", s) for n, s in shapes.items()], 500 * 10**6)
+        for t_index, (tensor_name, shape) in enumerate(shapes.items()):
+            base = torch.randn(shape, generator=torch.Generator().manual_seed(t_index)) * 0.02
+            if index:
+                noise = torch.randn(shape, generator=torch.Generator().manual_seed(index * 100003 + t_index))
+                base += 0.02 * base.std() * noise
+            writer.write(tensor_name, base.to(torch.bfloat16))
+        writer.close()
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def measure(command: list[str], cwd: Path) -> dict:
+    """Run ``command``; wall time and peak RSS / anonymous / file-backed memory of the child."""
+    peaks = {"rss": 0, "anon": 0, "file": 0}
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stop = threading.Event()
+
+    def poll():
+        keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+        while not stop.is_set():
+            try:
+                for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
+                    parts = line.split()
+                    if parts and parts[0] in keys:
+                        peaks[keys[parts[0]]] = max(peaks[keys[parts[0]]], int(parts[1]) * 1024)
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            stop.wait(0.02)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    stderr = child.stderr.read().decode()
+    if status != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
+    return {"wall_s": wall, "max_rss_mib": usage.ru_maxrss / 1024, "peak_anon_mib": peaks["anon"] / 2**20,
+            "peak_file_mib": peaks["file"] / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path(".bench"))
+    parser.add_argument("--only", default=",".join(RECIPES))
+    parser.add_argument("--workers", type=int)
+    args = parser.parse_args()
+    root = args.root.absolute()
+    build(root)
+    inputs = {name: sum(f.stat().st_size for f in (root / name).glob("*.safetensors")) for name in ("base", "ft1", "ft2")}
+    print(f"{'method':<10} {'wall s':>8} {'max RSS MiB':>12} {'peak anon MiB':>14} {'peak file MiB':>14} {'input GB/s':>11}")
+    for method in args.only.split(","):
+        recipe = RECIPES[method].format()
+        project = root / f"{method}.toml"
+        project.write_text(recipe + f'[output]\npath = "out-{method}"\nshard_size = "2GB"\ncopy_tokenizer = false\n')
+        for folder in ("base", "ft1", "ft2"):  # warm page cache, as in the mergekit measurements
+            for shard in (root / folder).glob("*.safetensors"):
+                with open(shard, "rb") as f:
+                    while f.read(1 << 24):
+                        pass
+        command = [sys.executable, "-m", "mixcli", "merge", str(project), "--force", "--no-progress"]
+        if args.workers:
+            command += ["--workers", str(args.workers)]
+        result = measure(command, root)
+        read = sum(size for name, size in inputs.items() if name in recipe)
+        print(f"{method:<10} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
+              f"{result['peak_file_mib']:>14.0f} {read / 1e9 / result['wall_s']:>11.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
