@@ -73,8 +73,9 @@ def merge(project, out, force, dry_run, workers, no_progress):
                                 card=core.model_card(prepared), recipe=proj.text,
                                 copy_tokenizer=proj.copy_tokenizer, workers=workers,
                                 progress=not no_progress and sys.stderr.isatty())
-    _console().print(f"[green]wrote[/] {written} ({len(prepared.plan.tensors)} tensors, "
-                     f"{_gb(prepared.plan.output_bytes)})")
+    plans = prepared.plans.values()
+    _console().print(f"[green]wrote[/] {written} ({sum(len(p.tensors) for p in plans)} tensors, "
+                     f"{_gb(sum(p.output_bytes for p in plans))})")
     if proj.evaluations:
         from .evaluation import evaluate_project, render_results
 
@@ -96,7 +97,8 @@ def _print_plan(plan: dict, target) -> None:
     table.add_row("input read", _gb(plan["input_bytes"]))
     table.add_row("output size", _gb(plan["output_bytes"]))
     table.add_row("expected peak memory", _gb(plan["peak_memory_bytes"]) + " (working tensors)")
-    table.add_row("output", str(target))
+    table.add_row("output", str(target) + ("" if plan["outputs"] == ["."] else
+                                          f" (subfolders: {', '.join(plan['outputs'])})"))
     _console().print(table)
 
 
@@ -107,8 +109,9 @@ def validate(project):
     from . import core
 
     prepared = core.prepare(project)
+    count = sum(len(plan.tensors) for plan in prepared.plans.values())
     _console().print(f"[green]ok[/] {project}: {prepared.project.method}, {len(prepared.models)} models, "
-                     f"{len(prepared.plan.tensors)} output tensors")
+                     f"{count} output tensors")
 
 
 def _component_rows(registry) -> list[dict]:

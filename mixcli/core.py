@@ -23,8 +23,12 @@ class Prepared:
     project: Project
     method: MergeMethod | Upscaler
     models: dict[str, Checkpoint]
-    plan: OutputPlan
+    plan: OutputPlan | dict[str, OutputPlan]  # a dict: several output models, by subfolder
     registry: Registry
+
+    @property
+    def plans(self) -> dict[str, OutputPlan]:
+        return self.plan if isinstance(self.plan, dict) else {"": self.plan}
 
 
 def load_project(path: str | Path, registry: Registry | None = None) -> tuple[Project, object]:
@@ -51,7 +55,7 @@ def open_models(project: Project, registry: Registry) -> dict[str, Checkpoint]:
     return models
 
 
-def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> OutputPlan:
+def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> OutputPlan | dict[str, OutputPlan]:
     if isinstance(method, MergeMethod):
         from .tensorwise import plan_merge
 
@@ -117,16 +121,17 @@ reproduces this model from the same inputs.
 
 def describe(prepared: Prepared, workers: int) -> dict:
     """The plan in numbers, for --dry-run and validate."""
-    plan = prepared.plan
+    plans = list(prepared.plans.values())
     return {
         "method": prepared.project.method,
         "models": {name: str(ckpt.path) for name, ckpt in prepared.models.items()},
         "base": prepared.project.base,
         "parameters": prepared.project.params,
-        "tensors": len(plan.tensors),
-        "input_bytes": plan.input_bytes,
-        "output_bytes": plan.output_bytes,
-        "peak_memory_bytes": plan.peak_bytes(workers),
-        "layers": plan.config.get("num_hidden_layers"),
+        "outputs": [name or "." for name in prepared.plans],
+        "tensors": sum(len(plan.tensors) for plan in plans),
+        "input_bytes": sum(plan.input_bytes for plan in plans),
+        "output_bytes": sum(plan.output_bytes for plan in plans),
+        "peak_memory_bytes": max(plan.peak_bytes(workers) for plan in plans),
+        "layers": plans[0].config.get("num_hidden_layers"),
         "output": str(prepared.project.output_path) if prepared.project.output_path else None,
     }

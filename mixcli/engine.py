@@ -42,10 +42,14 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def write_plan(plan: OutputPlan, target: Path, *, force: bool = False, shard_size: int = 2 * 10**9,
-               card: str = "", recipe: str = "", copy_tokenizer: bool = True,
+def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force: bool = False,
+               shard_size: int = 2 * 10**9, card: str = "", recipe: str = "", copy_tokenizer: bool = True,
                workers: int | None = None, progress: bool = True) -> Path:
-    """Write ``plan`` to ``target`` atomically; return ``target``."""
+    """Write ``plan`` to ``target`` atomically; return ``target``.
+
+    A dict of plans (a method with several output models) writes each into the subfolder
+    named by its key; the whole set appears at once or not at all.
+    """
     import torch
 
     target = Path(target).absolute()
@@ -55,21 +59,25 @@ def write_plan(plan: OutputPlan, target: Path, *, force: bool = False, shard_siz
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise MixcliError(f"cannot create the output folder {parent} ({error.strerror})") from None
-    _check_space(parent, plan.output_bytes, target)
+    plans = plan if isinstance(plan, dict) else {"": plan}
+    _check_space(parent, sum(p.output_bytes for p in plans.values()), target)
     workers = workers or default_workers()
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     writer = None
     threads = torch.get_num_threads()
     try:
-        writer = ShardedWriter(scratch, [(t.name, t.dtype, t.shape) for t in plan.tensors], shard_size,
-                               metadata={"mixcli_version": __version__})
         # one tensor per core: elementwise merges scale better across tensors than inside one
         torch.set_num_threads(1 if workers > 1 else threads)
-        _run(plan, writer, workers, progress)
-        writer.close()
-        _write_files(plan, scratch, card, recipe, copy_tokenizer)
-        if plan.finalize is not None:
-            plan.finalize(scratch)
+        for name, one in plans.items():
+            folder = scratch / name
+            folder.mkdir(exist_ok=True)
+            writer = ShardedWriter(folder, [(t.name, t.dtype, t.shape) for t in one.tensors], shard_size,
+                                   metadata={"mixcli_version": __version__})
+            _run(one, writer, workers, progress)
+            writer.close()
+            _write_files(one, folder, card, recipe, copy_tokenizer)
+            if one.finalize is not None:
+                one.finalize(folder)
         _replace(scratch, target)
     except OSError as error:
         _discard(writer, scratch)

@@ -8,7 +8,6 @@ the data.
 
 from __future__ import annotations
 
-import errno
 import json
 import mmap
 import os
@@ -166,13 +165,8 @@ def parse_size(text: str | int, where: str) -> int:
 
 
 def _reserve(fd: int, size: int) -> None:
-    """Claim the shard's disk space now, so a full disk fails before any tensor is computed."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise
-        os.ftruncate(fd, size)  # a file system without fallocate: space is taken as written
+    """Size the shard now (sparse: blocks are taken as tensors land; free space was checked)."""
+    os.ftruncate(fd, size)
 
 
 class ShardedWriter:
