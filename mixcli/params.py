@@ -52,6 +52,8 @@ def param(
     """
     meta = {"help": help, "per_model": per_model, "min": min, "max": max,
             "min_exclusive": min_exclusive, "choices": choices}
+    if isinstance(default, (list, dict)):  # dataclasses want a factory for mutable defaults
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"mixcli": meta})
     return dataclasses.field(default=default, metadata={"mixcli": meta})
 
 
@@ -145,7 +147,8 @@ def param_specs(params_class: type | None) -> dict[str, ParamSpec]:
         if origin in (list, dict):
             kind = origin
         name = f.name.rstrip("_")
-        specs[name] = ParamSpec(name=name, field=f.name, type=kind, default=f.default, **meta)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        specs[name] = ParamSpec(name=name, field=f.name, type=kind, default=default, **meta)
     return specs
 
 

@@ -1,0 +1,81 @@
+"""Per-task classification accuracy of one shared backbone with each task's own head.
+
+The setting of the task-arithmetic, TIES and WE-MoE papers: the backbone is merged, every
+task keeps the classification head of its expert. A task is a folder (usually the expert
+itself) holding ``head.safetensors`` (``weight`` [labels, hidden], ``bias``) and
+``task.json`` (``{"task": name, "data": test file relative to the folder}``); the data has a
+``pixel_values`` column (flat or nested lists) and a ``label`` column. Every model compared
+on a task, the base included, is read through that same head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixcli import Evaluator, MixcliError, param
+
+
+@dataclass
+class Params:
+    tasks: list = param([], help="task folders or project model names with head.safetensors + task.json "
+                                 "(default: every project model that has them)")
+    max_samples: int = param(0, help="evaluate at most this many images per task (0 = all)", min=0)
+    batch_size: int = param(256, help="images per forward pass", min=1)
+
+
+def task_folders(context) -> list[Path]:
+    names = context.params["tasks"]
+    if not names:
+        folders = [p for p in context.models.values() if (p / "task.json").is_file()]
+        if not folders:
+            raise MixcliError("classification: no project model has a task.json and head.safetensors; "
+                              "list the task folders in tasks = [...]")
+        return folders
+    folders = []
+    for name in names:
+        folder = context.models.get(name) or context.path(name)
+        if not (folder / "task.json").is_file() or not (folder / "head.safetensors").is_file():
+            raise MixcliError(f"classification: task '{name}' ({folder}) needs task.json and head.safetensors")
+        folders.append(folder)
+    return folders
+
+
+def read_task(folder: Path, max_samples: int):
+    """(name, head weight, head bias, images, labels) of the task stored in ``folder``."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mixcli_eval.data import column, load_rows
+
+    info = json.loads((folder / "task.json").read_text())
+    head = load_file(folder / "head.safetensors")
+    where = f"classification: task '{info.get('task', folder.name)}'"
+    path = folder / info["data"]
+    rows = load_rows(path, where, max_samples)
+    images = torch.tensor(column(rows, "pixel_values", where, path), dtype=torch.float32)
+    labels = torch.tensor(column(rows, "label", where, path), dtype=torch.long)
+    return info.get("task", folder.name), head["weight"], head["bias"], images, labels
+
+
+def evaluate(context) -> dict:
+    import transformers
+
+    from mixcli_eval.metrics import classification_accuracy
+
+    p = context.params
+    backbone = transformers.AutoModel.from_pretrained(context.model_path).to(context.device).eval()
+    config = backbone.config
+    shape = (getattr(config, "num_channels", 1), getattr(config, "image_size", 8), getattr(config, "image_size", 8))
+    scores = {}
+    for folder in task_folders(context):
+        name, weight, bias, images, labels = read_task(folder, p["max_samples"])
+        images = images.reshape(len(images), *shape)
+        scores[name] = classification_accuracy(backbone, weight, bias, images, labels, batch_size=p["batch_size"])
+    scores["mean"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+EVALUATOR = Evaluator(name="classification", summary="accuracy per task, each with its expert's head, and the mean",
+                      evaluate=evaluate, params=Params)

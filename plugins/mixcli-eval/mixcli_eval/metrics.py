@@ -1,0 +1,100 @@
+"""Plain metric functions: no project files, no zoo, just models and tensors."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def _features(backbone, pixel_values: torch.Tensor) -> torch.Tensor:
+    # The feature fed to per-task heads is the pooler output (dense+tanh over [CLS]);
+    # backbones saved without a pooler fall back to the raw [CLS] hidden state.
+    out = backbone(pixel_values=pixel_values)
+    pooled = getattr(out, "pooler_output", None)
+    return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+@torch.no_grad()
+def classification_accuracy(
+    backbone,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 256,
+) -> float:
+    """Accuracy of ``features(backbone(x)) @ head_weight.T + head_bias`` on ``labels``."""
+    was_training = backbone.training
+    backbone.eval()
+    param = next(backbone.parameters())
+    w = head_weight.to(param.device, torch.float32)
+    b = head_bias.to(param.device, torch.float32)
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        x = pixel_values[i : i + batch_size].to(param.device, param.dtype)
+        logits = _features(backbone, x).float() @ w.T + b
+        correct += (logits.argmax(-1).cpu() == labels[i : i + batch_size].cpu()).sum().item()
+    backbone.train(was_training)
+    return correct / max(len(labels), 1)
+
+
+@torch.no_grad()
+def exact_match(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 128,
+) -> float:
+    """Fraction of prompts whose greedy continuation, decoded and stripped, equals the answer."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # continuations must start at the same column
+    device = next(model.parameters()).device
+    hits = 0
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            gen = out[:, enc["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
+            for text, ans in zip(texts, answers[i : i + batch_size]):
+                hits += text.strip() == str(ans).strip()
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return hits / max(len(prompts), 1)
+
+
+@torch.no_grad()
+def mean_token_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy over all predicted tokens of ``texts`` (exp = perplexity)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
+        ids = enc["input_ids"].to(device)
+        mask = enc["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        target = ids[:, 1:]
+        tmask = mask[:, 1:].bool() & mask[:, :-1].bool()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        ).view_as(target)
+        total += loss[tmask].sum().item()
+        count += int(tmask.sum().item())
+    model.train(was_training)
+    return total / count if count else math.nan

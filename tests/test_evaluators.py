@@ -1,0 +1,135 @@
+"""Each evaluator against an expectation computed by hand on a model whose outputs are known."""
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import tiny_models
+from conftest import write_project
+from mixcli.cli import cli
+from mixcli.plugins import get_registry
+
+
+def evaluate(name, folder, **settings):
+    from mixcli.evaluation import run_evaluator
+
+    return run_evaluator(get_registry().evaluators[name], folder, settings, f"test {name}",
+                         base_dir=folder.parent)
+
+
+@pytest.fixture(scope="module")
+def uniform_llama(tmp_path_factory):
+    """A Llama whose logits are all zero: every next token has probability 1/V."""
+    model = transformers.LlamaForCausalLM(tiny_models.config()).eval()
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    return tiny_models.save(model, tmp_path_factory.mktemp("uniform") / "model")
+
+
+def test_parameters_of_a_dense_model(llama_family):
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_family["base"])
+    total = sum(p.numel() for p in model.parameters())
+    assert evaluate("parameters", llama_family["base"]) == {"total": total, "active": total}
+
+
+def test_parameters_of_a_mixtral_count_active_experts(tmp_path):
+    config = transformers.MixtralConfig(vocab_size=52, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(config)
+    model.save_pretrained(tmp_path / "moe")
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert experts > 0
+    got = evaluate("parameters", tmp_path / "moe")
+    assert got == {"total": total, "active": total - experts + experts * 2 // 4}
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(uniform_llama, tmp_path):
+    (tmp_path / "text.txt").write_text("12+34=46\nabc cba\nhello world\n")
+    got = evaluate("perplexity", uniform_llama, data=str(tmp_path / "text.txt"))
+    vocab = transformers.AutoConfig.from_pretrained(uniform_llama).vocab_size
+    assert got["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert got["perplexity"] == pytest.approx(vocab, rel=1e-5)
+
+
+def test_exact_match_counts_greedy_answers(uniform_llama, tmp_path):
+    # zero logits: greedy picks id 0 (<pad>) every step, which decodes to the empty string
+    rows = [{"prompt": "1+1=", "answer": ""}, {"prompt": "2+2=", "answer": "4"},
+            {"prompt": "abc", "answer": ""}, {"prompt": "x", "answer": " "}]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"prompt": "q", "answer": "7"}) + "\n")
+    got = evaluate("exact_match", uniform_llama, tasks={"qa": str(tmp_path / "qa.jsonl"),
+                                                         "other": str(tmp_path / "other.jsonl")},
+                   max_new_tokens=3)
+    assert got == {"qa": 0.75, "other": 0.0, "mean": 0.375}
+
+
+def test_classification_uses_each_tasks_head(tmp_path):
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config).save_pretrained(tmp_path / "backbone")
+    labels = [0, 1, 2, 2, 1, 2, 0, 2]
+    for task, favourite in (("twos", 2), ("ones", 1)):
+        folder = tmp_path / task
+        folder.mkdir()
+        bias = torch.zeros(3)
+        bias[favourite] = 5.0  # the head ignores the features and always answers `favourite`
+        save_file({"weight": torch.zeros(3, 16), "bias": bias}, folder / "head.safetensors")
+        (folder / "test.jsonl").write_text("\n".join(
+            json.dumps({"pixel_values": [[float(i)] * 8] * 8, "label": y}) for i, y in enumerate(labels)))
+        (folder / "task.json").write_text(json.dumps({"task": task, "data": "test.jsonl"}))
+    got = evaluate("classification", tmp_path / "backbone", tasks=[str(tmp_path / "twos"), str(tmp_path / "ones")])
+    assert got == {"twos": 4 / 8, "ones": 2 / 8, "mean": 3 / 8}
+
+
+def test_evaluation_section_runs_after_merge_and_eval_command(uniform_llama, tmp_path):
+    (tmp_path / "text.txt").write_text("hello\n")
+    project = write_project(tmp_path, f"""
+[models]
+a = {{ path = "{uniform_llama}", weight = 1.0 }}
+[method]
+name = "linear"
+[output]
+path = "out"
+[[evaluation]]
+evaluator = "perplexity"
+data = "text.txt"
+[[evaluation]]
+evaluator = "parameters"
+""")
+    result = CliRunner().invoke(cli, ["merge", str(project)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "out.eval.json").read_text())
+    assert [r["evaluator"] for r in rows] == ["perplexity", "parameters"]
+    assert rows[0]["metrics"]["perplexity"] == pytest.approx(52, rel=1e-5)
+    again = CliRunner().invoke(cli, ["eval", str(tmp_path / "out"), "--evaluator", "perplexity",
+                                     "--param", f"data={json.dumps(str(tmp_path / 'text.txt'))}"])
+    assert again.exit_code == 0, again.output
+    assert "perplexity" in again.output and "52.0000" in again.output
+
+
+def test_evaluator_mistakes_are_one_line_errors(uniform_llama, tmp_path):
+    project = write_project(tmp_path, f"""
+[models]
+a = "{uniform_llama}"
+[method]
+name = "linear"
+weight = 1.0
+[[evaluation]]
+evaluator = "perplexty"
+""")
+    result = CliRunner().invoke(cli, ["validate", str(project)])
+    assert result.exit_code == 1
+    assert "unknown evaluator 'perplexty' (did you mean 'perplexity'?)" in result.output
+    project.write_text(project.read_text().replace("perplexty", "perplexity"))
+    result = CliRunner().invoke(cli, ["validate", str(project)])
+    assert result.exit_code == 1 and "evaluator 'perplexity' needs 'data'" in result.output
+    missing = CliRunner().invoke(cli, ["eval", str(uniform_llama), "--evaluator", "perplexity",
+                                       "--param", "data='nope.txt'"])
+    assert missing.exit_code == 1 and "data file" in missing.output and "does not exist" in missing.output
