@@ -158,6 +158,7 @@ def main() -> None:
                 with open(shard, "rb") as f:
                     while f.read(1 << 24):
                         pass
+        os.sync()  # start each run without the previous run's output still being flushed
         command = [sys.executable, "-m", "mixcli", "merge", str(project), "--force", "--no-progress"]
         if args.workers:
             command += ["--workers", str(args.workers)]

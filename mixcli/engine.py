@@ -42,6 +42,42 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+MEMORY_BUDGET = 640 * 2**20  # working memory shared by the tensors in flight
+
+
+def working_bytes(tensor) -> int:
+    """A generous estimate of what computing one output tensor holds at once: its mapped
+    inputs, float32 temporaries the size of two inputs, and the result."""
+    return tensor.input_bytes + 3 * tensor.nbytes + 8 * (tensor.nbytes // max(1, _item(tensor.dtype)))
+
+
+def _item(code: str) -> int:
+    from .safetensors_io import ITEM_SIZE
+
+    return ITEM_SIZE[code]
+
+
+class _Budget:
+    """Admits tensors while their working memory fits; one too large for the budget runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.condition = threading.Condition()
+
+    def acquire(self, cost: int) -> int:
+        cost = min(cost, self.limit)
+        with self.condition:
+            self.condition.wait_for(lambda: self.used + cost <= self.limit)
+            self.used += cost
+        return cost
+
+    def release(self, cost: int) -> None:
+        with self.condition:
+            self.used -= cost
+            self.condition.notify_all()
+
+
 def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force: bool = False,
                shard_size: int = 2 * 10**9, card: str = "", recipe: str = "", copy_tokenizer: bool = True,
                workers: int | None = None, progress: bool = True) -> Path:
@@ -119,12 +155,18 @@ def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) 
     total = sum(t.input_bytes for t in plan.tensors) or 1
     lock = threading.Lock()
 
+    budget = _Budget(MEMORY_BUDGET)
+
     def work(tensor):
-        result = tensor.compute()
-        writer.write(tensor.name, result)
-        del result
-        for ckpt, name in tensor.reads:
-            ckpt.release(name)
+        cost = budget.acquire(working_bytes(tensor))
+        try:
+            result = tensor.compute()
+            writer.write(tensor.name, result)
+            del result
+            for ckpt, name in tensor.reads:
+                ckpt.release(name)
+        finally:
+            budget.release(cost)
         return tensor
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

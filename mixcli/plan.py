@@ -61,9 +61,11 @@ class OutputPlan:
         return sum(t.input_bytes for t in self.tensors)
 
     def peak_bytes(self, workers: int) -> int:
-        """A generous bound on working memory: the largest groups in flight, float32."""
-        sizes = sorted((prod(t.shape) * 4 * (len(t.reads) + 3) for t in self.tensors), reverse=True)
-        return sum(sizes[: workers + 1])
+        """Working memory the engine allows itself for this plan (see engine.MEMORY_BUDGET)."""
+        from .engine import MEMORY_BUDGET, working_bytes
+
+        costs = sorted((working_bytes(t) for t in self.tensors), reverse=True)
+        return max(costs[0], min(MEMORY_BUDGET, sum(costs[:workers]))) if costs else 0
 
 
 @dataclass
