@@ -62,6 +62,9 @@ class Upscaler:
     params: type | None = None
     min_inputs: int = 1
     max_inputs: int | None = None
+    # extra top-level tables of the project this method reads (e.g. "tune"); they reach
+    # build() as context.sections and are errors in projects of other methods
+    sections: tuple[str, ...] = ()
     kind: str = "upscale"
 
     @property

@@ -60,6 +60,12 @@ def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> Outpu
         from .tensorwise import plan_merge
 
         return plan_merge(project, method, models)
+    if project.overrides:
+        raise MixcliError(f"{project.overrides[0].where}: per-tensor overrides apply to tensor-wise merges; "
+                          f"method '{method.name}' takes its parameters from [method] and [models] only")
+    if project.slices is not None:
+        raise MixcliError(f"{project.where}: [[slices]] apply to tensor-wise merges; method '{method.name}' "
+                          "describes its layers in its own parameters")
     specs = method.param_specs
     count = len(models)
     if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
@@ -76,7 +82,7 @@ def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> Outpu
             params[spec.field] = resolve(spec, [project.params.get(key, NOTHING)], "", 0.0,
                                          f"{project.where}: [method]")
     context = BuildContext(project=project, models=models, params=params, model_params=model_params,
-                           seed=project.seed)
+                           seed=project.seed, sections=project.sections)
     return method.build(context)
 
 

@@ -78,6 +78,7 @@ class BuildContext:
     model_params: dict[str, dict]  # per-model parameters, model name -> field name -> value
     seed: int
     device: str = "cpu"
+    sections: dict = field(default_factory=dict)  # the method's own top-level tables
 
 
 def split_layer_name(name: str) -> tuple[str, int] | None:

@@ -89,6 +89,7 @@ class Project:
     copy_tokenizer: bool
     evaluations: list[EvaluationSpec]
     text: str
+    sections: dict = field(default_factory=dict)  # method-specific top-level tables, e.g. [tune]
 
     @property
     def where(self) -> str:
@@ -143,7 +144,12 @@ def read_project(path: str | Path) -> Project:
         raise MixcliError(f"{file}:{getattr(error, 'lineno', '?')}:{getattr(error, 'colno', '?')}: "
                           f"invalid TOML: {message}") from None
     name = file.name
-    _unknown(data, TOP_LEVEL, name)
+    # other top-level tables belong to the method (e.g. [tune]); check() knows which it reads,
+    # but a near miss of a core section is a typo
+    for key in data:
+        if key not in TOP_LEVEL and closest(key, TOP_LEVEL):
+            raise MixcliError(f"{name}: unknown key '{key}'{closest(key, TOP_LEVEL)}")
+    sections = {key: _table(value, f"{name}: [{key}]") for key, value in data.items() if key not in TOP_LEVEL}
     project_dir = file.resolve().parent
 
     models: dict[str, ModelRef] = {}
@@ -213,9 +219,13 @@ def read_project(path: str | Path) -> Project:
                 if layer_range is not None:
                     if (not isinstance(layer_range, list) or len(layer_range) != 2
                             or not all(isinstance(x, int) and not isinstance(x, bool) for x in layer_range)
-                            or not 0 <= layer_range[0] < layer_range[1]):
+                            or not 0 <= layer_range[0] <= layer_range[1]):
                         raise MixcliError(f"{swhere}: layer_range must be [start, end] with "
                                           f"0 <= start < end (end excluded), got {layer_range!r}")
+                    if layer_range[0] == layer_range[1] and (i < len(data["slices"]) - 1 or i == 0):
+                        raise MixcliError(f"{swhere}: a zero-length layer_range {layer_range!r} is allowed "
+                                          "only in the last of several [[slices]] (it picks the model of "
+                                          "the final norm and lm_head); give start < end")
                     layer_range = tuple(layer_range)
                 parsed.append(SliceSource(model_name(source["model"], f"{swhere} model"), layer_range,
                                           _split(source, SOURCE_KEYS, swhere), swhere))
@@ -247,7 +257,7 @@ def read_project(path: str | Path) -> Project:
         output_path=(project_dir / _str(out_path, f"{name}: [output] path")) if out_path else None,
         out_dtype=_dtype(output.get("dtype"), f"{name}: [output] dtype"),
         shard_size=parse_size(output.get("shard_size", DEFAULT_SHARD_SIZE), f"{name}: [output] shard_size"),
-        copy_tokenizer=copy_tokenizer, evaluations=evaluations, text=text)
+        copy_tokenizer=copy_tokenizer, evaluations=evaluations, text=text, sections=sections)
 
 
 def check(project: Project, registry) -> Any:
@@ -257,6 +267,11 @@ def check(project: Project, registry) -> Any:
     if method is None:
         raise MixcliError(f"{name}: [method] unknown method '{project.method}'"
                           f"{closest(project.method, registry.methods)}; `mixcli list-methods` shows them all")
+    own = tuple(getattr(method, "sections", ()))
+    for key in project.sections:
+        if key not in own:
+            hint = closest(key, own) or f" (method '{method.name}' reads no [{key}] table)"
+            raise MixcliError(f"{name}: unknown key '{key}'{hint}")
     specs = method.param_specs
 
     def check_params(params: dict, where: str, allow_shared: bool) -> None:
