@@ -28,7 +28,7 @@ except ImportError:
 
 from mixcli_merge import breadcrumbs, linear, model_stock, slerp, task_arithmetic, ties
 
-SHAPES = [(4096, 1536), (1536,), (300, 7)]
+SHAPES = [(2048, 1536), (1536,), (300, 7)]
 
 
 def inputs(shape, dtype, n, seed):
@@ -38,15 +38,23 @@ def inputs(shape, dtype, n, seed):
     return base.to(dtype), [x.to(dtype) for x in xs]
 
 
-def tied_positions(base, xs, densities):
-    """Elements whose |delta| equals the k-th largest of its model (only they may differ)."""
+def tied_positions(base, xs, cut):
+    """Elements whose |delta| equals the k-th largest of its model, ``k = cut(N)`` (only
+    they may differ)."""
     mask = torch.zeros(base.shape, dtype=torch.bool)
-    for x, d in zip(xs, densities):
+    for x in xs:
         mag = (x - base).abs().float().reshape(-1)
-        k = max(1, int(d * mag.numel()))
+        k = cut(mag.numel())
+        if not 0 < k <= mag.numel():
+            continue
         tau = mag.kthvalue(mag.numel() - k + 1).values
         mask |= (mag == tau).view(base.shape)
     return mask
+
+
+def _bc_high(n, density=0.5, gamma=0.05):
+    """Breadcrumbs keeps descending ranks [high - target, high) with high = N - n_bot."""
+    return n - max(0, n - int(density * n) - int(gamma * n))
 
 
 def compare(ours, theirs, allowed=None):
@@ -78,11 +86,11 @@ def main():
                 ("ties d=0.3", lambda: ties.ties(xs, base, weight=w, density=0.3),
                  lambda: merge_tensors(xs + [base], "ties",
                                        parameters={"weight": w, "density": 0.3}, base_index=3),
-                 [0.3] * 3),
+                 lambda n: max(1, int(0.3 * n))),
                 ("ties d=.2 rescale", lambda: ties.ties(xs, base, weight=w, density=0.2, rescale=True),
                  lambda: merge_tensors(xs + [base], "ties", parameters={
                      "weight": w, "density": 0.2, "rescale": True}, base_index=3),
-                 [0.2] * 3),
+                 lambda n: max(1, int(0.2 * n))),
                 ("breadcrumbs", lambda: breadcrumbs.breadcrumbs(xs, base, weight=w, density=0.5, gamma=0.05),
                  lambda: merge_tensors(xs + [base], "breadcrumbs", parameters={
                      "weight": w, "density": 0.5, "gamma": 0.05}, base_index=3),
@@ -97,8 +105,9 @@ def main():
                 name, ours_fn, theirs_fn = case[:3]
                 allowed = None
                 if len(case) > 3:
-                    if case[3] == "bc":  # both cut points (0.5 and 0.55 of N from the top)
-                        allowed = tied_positions(base, xs, [0.5] * 3) | tied_positions(base, xs, [0.55] * 3)
+                    if case[3] == "bc":  # both cut points, counted from the top
+                        allowed = (tied_positions(base, xs, _bc_high)
+                                   | tied_positions(base, xs, lambda n: _bc_high(n) - int(0.5 * n)))
                     else:
                         allowed = tied_positions(base, xs, case[3])
                 ours, theirs = ours_fn(), theirs_fn()

@@ -1,0 +1,41 @@
+"""breadcrumbs_ties (arXiv 2312.06795): breadcrumbs pruning with TIES sign election."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mixcli import MergeMethod, param
+
+from . import sparsify
+from .generalized import TaskArithmeticParams, merge_task_vectors, per_model
+
+
+@dataclasses.dataclass
+class Params(TaskArithmeticParams):
+    gamma: float = param(0.01, help="fraction of largest-magnitude entries dropped as outliers",
+                         per_model=True, min=0.0, max=1.0)
+
+
+def breadcrumbs_ties(tensors, base, *, weight, density=1.0, gamma=0.01, lambda_=1.0,
+                     normalize=False, rescale=False, int8_mask=False):
+    """Breadcrumbs pruning (small and outlier entries dropped), then TIES sign election and
+    the sum of agreeing weighted deltas."""
+    n = len(tensors)
+    densities, gammas = per_model(density, n, "density"), per_model(gamma, n, "gamma")
+    return merge_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True,
+        # rescaling needs whole-tensor L1 norms, so it prunes eagerly; otherwise lazily by chunk
+        sparsify=(lambda i, d: sparsify.magnitude_outliers(d, densities[i], gammas[i], True))
+        if rescale else None,
+        select=None if rescale else (
+            lambda i, src: sparsify.outlier_selection(src, densities[i], gammas[i])))
+
+
+METHOD = MergeMethod(
+    name="breadcrumbs_ties",
+    summary="Model breadcrumbs pruning with TIES sign election",
+    merge=breadcrumbs_ties,
+    params=Params,
+    base="required",
+    min_inputs=1,
+)
