@@ -1,0 +1,358 @@
+"""Training the routers: the ``[adapt]`` table, and test-time adaptation (TTA) by entropy
+minimisation (spec §1.4) for we_moe, sparse_we_moe and rank_one_moe; pwe_moe's labeled
+LS/EPO training lives in :mod:`mixcli_wemoe.pareto` and shares these settings.
+
+Per step, every task draws ``batch_size`` unlabeled inputs from its own stream (seeded
+shuffles, cycling), the loss is the mean prediction entropy of its head; only router
+parameters train (Adam, constant lr). Under ``torchrun`` every process takes an equal share
+of each task's batch and the router gradients are averaged across processes (gloo on CPU,
+nccl on CUDA), so N processes follow the same trajectory as one with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from mixcli import MixcliError
+
+# key -> (default, type, help); the README lists the same
+KEYS = {
+    "tasks": ([], list, "expert model names whose heads and data are used (default: every expert)"),
+    "split": ("test", str, "data split read from task.json (recorded in the output)"),
+    "max_samples": (0, int, "use at most this many samples per task (0: all)"),
+    "max_steps": (1000, int, "optimizer steps"),
+    "lr": (1e-4, float, "Adam learning rate"),
+    "batch_size": (16, int, "samples per task per step (the global batch under torchrun)"),
+    "batch_reduce": (True, bool, "route with the batch mean during adaptation (inference stays per sample)"),
+    "use_grad_accumulate": (True, bool, "back-propagate task by task (same gradient, less memory)"),
+    "logit_scale": (1.0, float, "multiply head logits before the entropy"),
+    "task_id_weight": (0.0, float, "anti-collapse term: weight of a loss teaching routers which task stream "
+                                   "an input came from (no labels used); 0 = the paper's objective"),
+    "eval_every": (0, int, "every N steps log routing statistics and held-out accuracy (0: only at the end)"),
+    "device": ("cpu", str, "torch device"),
+    "seed": (None, int, "seed of the data streams (default: the project seed)"),
+    "objective": ("", str, "pwe_moe only: 'ls' (linear scalarization) or 'epo'"),
+    "alpha": (1.0, float, "pwe_moe only: Dirichlet concentration of the sampled preferences"),
+    "eval_grid_m": (2, int, "pwe_moe only: preference grid of multiples of 1/(m-1) evaluated at the end"),
+}
+ROUTE_TEMPERATURE = 0.1
+
+
+def settings(section: dict, where: str, pwe: bool = False) -> dict:
+    from mixcli.errors import closest
+
+    out = {}
+    for key, value in section.items():
+        if key not in KEYS:
+            raise MixcliError(f"{where}: unknown key '{key}'{closest(key, KEYS)}")
+        default, kind, _ = KEYS[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise MixcliError(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
+        if kind in (int, float) and value < 0:
+            raise MixcliError(f"{where}: '{key}' must be >= 0, got {value!r}")
+        out[key] = value
+    full = {key: out.get(key, default) for key, (default, _, _) in KEYS.items()}
+    if full["batch_size"] < 1:
+        raise MixcliError(f"{where}: 'batch_size' must be >= 1")
+    if pwe:
+        full["objective"] = full["objective"] or "ls"
+        if full["objective"] not in ("ls", "epo"):
+            raise MixcliError(f"{where}: 'objective' must be 'ls' or 'epo', got {full['objective']!r}")
+        if KEYS["lr"][0] == full["lr"] and "lr" not in out:
+            full["lr"] = 1e-5
+    elif full["objective"]:
+        raise MixcliError(f"{where}: 'objective' applies to pwe_moe only")
+    return full
+
+
+def load_tasks(model, folders: dict, opts: dict, where: str, split: str | None = None) -> list:
+    """Tasks of the experts named in ``opts['tasks']`` (all by default); ``folders`` maps names to paths."""
+    from .tasks import read_task
+
+    names = list(model.config.expert_names)
+    chosen = opts["tasks"] or names
+    for name in chosen:
+        if name not in names:
+            raise MixcliError(f"{where}: task '{name}' is not an expert of this model (experts: {', '.join(names)})")
+    return [read_task(name, Path(folders[name]), split or opts["split"], model.config.backbone_config, where,
+                      opts["max_samples"]) for name in chosen]
+
+
+class Stream:
+    """A task's endless, seeded shuffle of sample indices."""
+
+    def __init__(self, size: int, seed: int):
+        import torch
+
+        self.size, self.gen, self.order, self.pos = size, torch.Generator().manual_seed(seed), None, 0
+
+    def take(self, count: int):
+        import torch
+
+        out = []
+        while len(out) < count:
+            if self.order is None or self.pos >= self.size:
+                self.order, self.pos = torch.randperm(self.size, generator=self.gen), 0
+            step = min(count - len(out), self.size - self.pos)
+            out.extend(self.order[self.pos:self.pos + step].tolist())
+            self.pos += step
+        return torch.tensor(out)
+
+
+def entropy(z):
+    import torch
+
+    p = torch.softmax(z, dim=-1)
+    return -(p * torch.log(p + 1e-8)).sum(-1)
+
+
+def world():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = False) -> dict:
+    """Entropy minimisation of the routers, in place; returns the loss history."""
+    import torch
+    import torch.distributed as dist
+
+    from .tasks import logits
+
+    rank, size = world()
+    device = torch.device(opts["device"])
+    if opts["batch_size"] % size:
+        raise MixcliError(f"[adapt] batch_size {opts['batch_size']} is not divisible by the {size} processes")
+    share = opts["batch_size"] // size
+    names = list(model.config.expert_names)
+    torch.manual_seed(seed)
+    model.to(device).eval()  # no dropout; gradients still reach the routers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.router_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=opts["lr"])
+    streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
+    old_reduce = model.routing.batch_reduce
+    model.set_batch_reduce(opts["batch_reduce"])
+    history = {"step": [], "loss": [], "tasks": {t.name: [] for t in tasks}}
+    k = model.config.rank_k if model.config.expert_kind == "rank_one" else 1
+    bar = _progress(progress, opts["max_steps"])
+    try:
+        for step in range(opts["max_steps"]):
+            opt.zero_grad(set_to_none=True)
+            total, parts = 0.0, []
+            for task, stream in zip(tasks, streams):
+                index = stream.take(opts["batch_size"])[rank * share:(rank + 1) * share]
+                with model.recording() as record:
+                    z = logits(model, task, task.batch(index), device) * opts["logit_scale"]
+                loss = entropy(z).mean()
+                parts.append(loss.detach())
+                if opts["task_id_weight"] and task.name in names:
+                    loss = loss + opts["task_id_weight"] * _task_id_loss(record, names.index(task.name), k)
+                if opts["use_grad_accumulate"]:
+                    loss.backward()
+                else:
+                    total = total + loss
+            if not opts["use_grad_accumulate"]:
+                total.backward()
+            values = torch.stack(parts)
+            if size > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= size
+                dist.all_reduce(values)
+                values /= size
+            opt.step()
+            values = values.cpu().tolist()
+            history["step"].append(step + 1)
+            history["loss"].append(sum(values))
+            for task, value in zip(tasks, values):
+                history["tasks"][task.name].append(value)
+            if bar is not None:
+                bar[0].update(bar[1], advance=1, description=f"adapting  loss {sum(values):.4f}")
+            elif rank == 0 and (step + 1) % max(1, opts["max_steps"] // 10) == 0:
+                log(f"step {step + 1}/{opts['max_steps']}  entropy {sum(values):.4f}")
+            if rank == 0 and opts["eval_every"] and (step + 1) % opts["eval_every"] == 0:
+                _monitor(model, tasks, device, log, step + 1)
+    finally:
+        if bar is not None:
+            bar[0].stop()
+        model.set_batch_reduce(old_reduce)
+        for p in params:
+            p.requires_grad_(False)
+    return history
+
+
+def _task_id_loss(record, target: int, k: int):
+    """Cross-entropy of the per-expert coefficients (temperature 0.1) against the stream's task."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for _, c in record:
+        c = c if c.dim() == 2 else c.unsqueeze(0)
+        c = c.reshape(c.shape[0], -1, k).sum(-1) / ROUTE_TEMPERATURE
+        losses.append(F.cross_entropy(c, torch.full((c.shape[0],), target, device=c.device)))
+    return torch.stack(losses).mean()
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar.start()
+    return bar, bar.add_task("adapting", total=total)
+
+
+def _monitor(model, tasks, device, log, step) -> None:
+    from .diagnostics import accuracy, collapse, routing_stats
+
+    names = list(model.config.expert_names)
+    stats = routing_stats(model, tasks, device)
+    accs = {t.name: accuracy(model, t, device) for t in tasks}
+    shown = ", ".join(f"{n} {a:.3f}" for n, a in accs.items() if a is not None)
+    log(f"step {step}: held-out accuracy (monitoring only) {shown or 'n/a'}")
+    reason = collapse(stats, names)
+    if reason:
+        log(f"warning: step {step}: {reason}")
+
+
+def report(model, tasks: list, opts: dict, history: dict, log=print) -> dict:
+    """Routing statistics, collapse check, accuracies and the oracle-routing bound."""
+    from .diagnostics import accuracy, collapse, oracle_accuracy, routing_stats, specificity, stats_table
+
+    device = opts["device"]
+    names = list(model.config.expert_names)
+    stats = routing_stats(model, tasks, device)
+    reason = collapse(stats, names)
+    accs = {t.name: accuracy(model, t, device) for t in tasks}
+    oracle = oracle_accuracy(model, tasks, device) if model.config.router_input == "hidden" else {}
+    log("routing per task (mean coefficient per expert, per-sample routing):\n" + stats_table(stats, names))
+    if reason:
+        log(f"warning: {reason}; try task_id_weight > 0, a larger logit_scale or a lower lr")
+    if all(a is not None for a in accs.values()) and accs:
+        log("accuracy (labels for monitoring only): " + ", ".join(f"{n} {a:.3f}" for n, a in accs.items()))
+    if oracle and all(a is not None for a in oracle.values()):
+        log("oracle routing (each task forced onto its own task vector): "
+            + ", ".join(f"{n} {a:.3f}" for n, a in oracle.items())
+            + f"; mean {sum(oracle.values()) / len(oracle):.3f}")
+    return {"routing": stats, "specificity": specificity(stats, names), "collapse": reason,
+            "accuracy": accs, "oracle_accuracy": oracle,
+            "final_loss": history["loss"][-1] if history["loss"] else None}
+
+
+def loss_plot(history: dict, path: Path, title: str = "router adaptation") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["step"], history["loss"], label="total", color="black", linewidth=2)
+    for name, values in history["tasks"].items():
+        ax.plot(history["step"], values, label=name, linewidth=1, alpha=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(history.get("ylabel", "entropy"))
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(model, folders: dict, opts: dict, seed: int, where: str, log=print, progress: bool = False) -> dict:
+    """Adapt ``model`` in place (TTA, or PWE training); return the record saved in its config."""
+    pwe = model.config.router_input == "preference"
+    tasks = load_tasks(model, folders, opts, where, "train" if pwe and opts["split"] == "test" else None)
+    if pwe:
+        from .pareto import train_pwe
+
+        return train_pwe(model, tasks, opts, seed, where, log, progress)
+    from .diagnostics import accuracy
+
+    before = {t.name: accuracy(model, t, opts["device"]) for t in tasks} if world()[0] == 0 else {}
+    history = tta(model, tasks, opts, seed, log, progress)
+    record = {"accuracy_before": before, "settings": opts, "seed": seed, "objective": "entropy",
+              "data": {t.name: {"split": t.split, "path": t.data_path} for t in tasks}}
+    if world()[0] == 0:
+        record.update(report(model, tasks, opts, history, log))
+    record["history"] = history
+    return record
+
+
+def save(model, folder: Path, record: dict) -> None:
+    """Write the adapted model into ``folder`` (weights replaced, loss curve and log beside)."""
+    history = record.pop("history", None)
+    for old in list(folder.glob("*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        old.unlink()
+    from safetensors.torch import save_file
+
+    model.config.mixcli = {**model.config.mixcli, "adapt": json.loads(json.dumps(record, default=str))}
+    # the plan's in-memory names, whatever path built the model (save_pretrained would revert
+    # transformers' legacy renamings of the backbone on models not loaded by from_pretrained)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["architectures"] = ["WEMoEModel"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if history:
+        loss_plot(history, folder / "adapt_loss.png")
+        (folder / "adapt_log.json").write_text(json.dumps(history) + "\n")
+
+
+def attach(plan, context) -> None:
+    """With an ``[adapt]`` table, ``mixcli merge`` adapts the written model before it appears."""
+    section = context.sections.get("adapt")
+    if section is None:
+        return
+    where = f"{context.project.where}: [adapt]"
+    opts = settings(section, where, pwe=context.project.method == "pwe_moe")
+    folders = {name: ckpt.path for name, ckpt in context.models.items()}
+    seed = context.seed if opts["seed"] is None else opts["seed"]
+    check_tasks(context, opts, where)
+
+    def finalize(folder: Path) -> None:
+        from .modeling import WEMoEModel
+
+        model = WEMoEModel.from_pretrained(folder)
+        record = run(model, folders, opts, seed, where, log=lambda m: print(m, file=sys.stderr),
+                     progress=sys.stderr.isatty())
+        save(model.cpu(), folder, record)
+
+    plan.finalize = finalize
+    plan.notes.append(f"routers adapted for {opts['max_steps']} steps ([adapt])")
+
+
+def check_tasks(context, opts: dict, where: str) -> None:
+    """Every adapted task has a head, a task.json and its data file (before any tensor is written)."""
+    from .tasks import data_path, task_files
+
+    experts = [name for name in context.models if name != context.project.base]
+    split = opts["split"]
+    if context.project.method == "pwe_moe" and split == "test":
+        split = "train"
+    for name in opts["tasks"] or experts:
+        if name not in experts:
+            raise MixcliError(f"{where}: task '{name}' is not an expert of this project "
+                              f"(experts: {', '.join(experts)})")
+        folder = Path(context.models[name].path)
+        info, _ = task_files(name, folder, where)
+        data_path(name, info, folder, split, where)
+
+
+def is_finite(history: dict) -> bool:
+    return all(math.isfinite(v) for v in history["loss"])

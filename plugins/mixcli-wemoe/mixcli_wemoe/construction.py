@@ -1,0 +1,248 @@
+"""The output plan shared by every method of this plugin (imports torch; loaded by ``build``).
+
+Non-upscaled tensors are task arithmetic ``θ0 + λ_shared Σ τ_i``; every Linear of an upscaled
+block keeps the pretrained weight and bias plus the method's expert tensors; routers are
+initialised from the project seed. Nothing is read before the engine writes a tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mixcli import MixcliError
+from mixcli.plan import OutputPlan, OutputTensor
+
+from . import __version__
+
+PLUGIN_FORMAT = "mixcli-wemoe/1"
+
+
+@dataclass
+class Spec:
+    """What a method decides; :func:`plan` does the rest."""
+
+    method: str
+    kinds: tuple = ("mlp",)  # block kinds to upscale
+    expert_kind: str = "dense"  # "dense" (task vectors) or "rank_one"
+    router_input: str = "hidden"
+    config: dict = field(default_factory=dict)  # extra WEMoEConfig fields
+    # (linear path, attr, base tensor, expert tensors) -> {suffix: (shape, compute)}; None = dense
+    experts: Callable | None = None
+    delta: Callable | None = None  # transform of one dense task-vector tensor (pruning)
+
+
+def _meta_backbone(config: dict, where: str):
+    import torch
+    import transformers
+
+    data = dict(config)
+    model_type = data.pop("model_type", None)
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **data)
+        with torch.device("meta"):
+            return transformers.AutoModel.from_config(cfg)
+    except Exception as error:
+        raise MixcliError(f"{where}: transformers cannot build a model of type '{model_type}' "
+                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+
+
+def _renamer(backbone):
+    """checkpoint key -> in-memory key, as ``from_pretrained`` renames (transformers 5 keeps legacy
+    names on disk, e.g. ViT's ``encoder.layer.0.intermediate.dense`` for ``layers.0.mlp.fc1``)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers without conversion mappings: names are stored as they are
+        return lambda key, meta: (key, None)
+    conversions = get_model_conversion_mapping(backbone)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    prefix = getattr(backbone, "base_model_prefix", None) or None
+    return lambda key, meta: rename_source_key(key, renamings, converters, prefix, meta)
+
+
+def _names(backbone, ckpt, where: str, rename) -> dict[str, str]:
+    """Backbone state-dict name -> the checkpoint's tensor name."""
+    meta = backbone.state_dict()
+    mapping = {}
+    for key in ckpt.tensors:
+        new, converter = rename_key(rename, key, meta)
+        if converter is None and new in meta:
+            mapping.setdefault(new, key)
+    for key in meta:
+        if key not in mapping:
+            raise MixcliError(f"{where}: model '{ckpt.name}' has no tensor for '{key}' (the backbone built from "
+                              "its config.json expects it); is it a save_pretrained folder of that architecture?")
+    return mapping
+
+
+def rename_key(rename, key, meta):
+    try:
+        return rename(key, meta)
+    except Exception:  # a converter that cannot parse this key: leave the name alone
+        return key, None
+
+
+def sha256_files(path: Path) -> dict[str, str]:
+    hashes = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        hashes[file.name] = digest.hexdigest()
+    return hashes
+
+
+def init_router(router, seed: int, index: int, std: float, lam: float) -> None:
+    """Spec §1.1: weights N(0, std²), hidden bias 0, last bias λ; seeded per router."""
+    import torch
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:router:{index}".encode()))
+    with torch.no_grad():
+        for name, p in router.named_parameters():
+            if name.endswith("weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            else:
+                p.fill_(0.0)
+        last = {0: "bias", 1: "fc.bias", 2: "fc2.bias"}[router.depth]
+        dict(router.named_parameters())[last].fill_(lam)
+
+
+def plan(context, spec: Spec) -> OutputPlan:
+    import torch
+
+    from .blocks import find_blocks
+    from .modeling import WEMoEConfig, WEMoEModel
+
+    project, p = context.project, context.params
+    where = f"{project.where}: [method]"
+    if project.base is None:
+        raise MixcliError(f"{where}: base is missing; name the pretrained model, e.g. base = \"base\"")
+    base = context.models[project.base]
+    experts = [name for name in context.models if name != project.base]
+    if not experts:
+        raise MixcliError(f"{where}: {spec.method} needs at least one fine-tuned model besides the base")
+    base_cfg = dict(base.config)
+    backbone = _meta_backbone(base_cfg, f"{project.models[project.base].where}")
+    blocks = find_blocks(backbone, spec.kinds, tuple(p.get("modules") or ()))
+    if not blocks:
+        what = " and ".join(spec.kinds)
+        filt = f" matching modules = {p.get('modules')}" if p.get("modules") else ""
+        raise MixcliError(f"{where}: no {what} blocks{filt} found in the base model "
+                          f"('{base_cfg.get('model_type')}'); {spec.method} needs recognisable "
+                          "Linear blocks (fc1/fc2, gate/up/down_proj, intermediate/output.dense, ...)")
+    rename = _renamer(backbone)
+    maps = {name: _names(backbone, ckpt, project.models[name].where, rename)
+            for name, ckpt in context.models.items()}
+    for name in experts:
+        for key, src in maps[name].items():
+            a, b = context.models[name].tensors[src], base.tensors[maps[project.base][key]]
+            if a.shape != b.shape:
+                raise MixcliError(f"{project.models[name].where}: tensor '{key}' has shape {list(a.shape)}, "
+                                  f"the base has {list(b.shape)}; all models must share one architecture")
+    lam, shared = p["init_lambda"], p.get("shared_lambda")
+    shared = lam if shared is None else shared
+    routed = {path: block for block in blocks for path in block.linears}
+    state = backbone.state_dict()
+    first = base.tensors[maps[project.base][next(iter(state))]].dtype
+    out_code = first if first in ("F16", "BF16", "F64") else "F32"
+
+    def read(model: str, key: str):
+        return context.models[model].tensor(maps[model][key]).to(torch.float32)
+
+    def reads(key: str):
+        return [(context.models[m], maps[m][key]) for m in [project.base] + experts]
+
+    def cast(t):
+        return t.to(_dtype(out_code)).contiguous()
+
+    tensors: list[OutputTensor] = []
+
+    def add(name, shape, compute, key=None, details=None):
+        tensors.append(OutputTensor(name, tuple(shape), out_code, compute, reads(key) if key else [],
+                                    details or {}))
+
+    for key, value in state.items():
+        path, _, attr = key.rpartition(".")
+        shape = tuple(value.shape)
+        if path not in routed:
+            def ta(key=key):
+                t0 = read(project.base, key)
+                return cast(t0 + shared * sum(read(m, key) - t0 for m in experts))
+            add(f"backbone.{key}", shape, ta, key, {"merge": "task_arithmetic", "lambda": shared})
+            continue
+        if spec.expert_kind == "rank_one":
+            for suffix, (oshape, fn) in spec.experts(path, attr, key, shape, read, experts, project.base, p).items():
+                add(f"backbone.{path}.{suffix}", oshape, lambda fn=fn: cast(fn()), key, {"merge": "rank_one"})
+            continue
+        add(f"backbone.{key}", shape, lambda key=key: cast(read(project.base, key)), key, {"merge": "pretrained"})
+
+        def deltas(key=key):
+            t0 = read(project.base, key)
+            out = [read(m, key) - t0 for m in experts]
+            if spec.delta is not None:
+                out = [spec.delta(d) for d in out]
+            return cast(torch.stack(out))
+        add(f"backbone.{path}.delta_{attr}", (len(experts), *shape), deltas, key, {"merge": "task_vectors"})
+
+    config = {"backbone_config": base_cfg, "method": spec.method, "num_experts": len(experts),
+              "expert_names": experts, "blocks": [vars(b) for b in blocks],
+              "router_hidden_layers": p["router_hidden_layers"], "init_lambda": lam, "shared_lambda": shared,
+              "batch_reduce": p.get("batch_reduce", False), "expert_kind": spec.expert_kind,
+              "router_input": spec.router_input, **spec.config}
+    config["mixcli"] = {
+        "format": PLUGIN_FORMAT, "plugin_version": __version__, "method": spec.method, "seed": context.seed,
+        "parameters": {k: v for k, v in p.items()},
+        "inputs": {name: {"path": str(ckpt.path), "role": "base" if name == project.base else "expert",
+                          "sha256": sha256_files(ckpt.path)} for name, ckpt in context.models.items()},
+        "adapt": None}
+    wconfig = WEMoEConfig(**config)
+    with torch.device("meta"):
+        skeleton = WEMoEModel(wconfig)
+    std = p.get("router_std", 0.01)
+    for index, router in enumerate(skeleton.routers):
+        for name, value in router.state_dict().items():
+            def compute(router=router, index=index, name=name):
+                import copy
+
+                live = copy.deepcopy(router).to_empty(device="cpu")
+                init_router(live, context.seed, index, std, lam)
+                return cast(live.state_dict()[name])
+            add(f"routers.{index}.{name}", value.shape, compute, details={"merge": "router_init"})
+    expected = set(skeleton.state_dict())
+    produced = {t.name for t in tensors}
+    if expected != produced:  # a bug, not a user mistake
+        raise RuntimeError(f"plan/model mismatch: {sorted(expected ^ produced)[:5]}")
+    out = wconfig.to_dict()
+    out["architectures"] = ["WEMoEModel"]
+    out["dtype"] = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(out_code, "float32")
+    out.pop("torch_dtype", None)
+    notes = [f"{len(blocks)} upscaled blocks, {len(experts)} experts, {len(skeleton.routers)} routers"]
+    return OutputPlan(config=out, tensors=tensors, donor=base, notes=notes)
+
+
+def _dtype(code_or_dtype):
+    import torch
+
+    if not isinstance(code_or_dtype, str):
+        return code_or_dtype
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(
+        code_or_dtype, torch.float32)
+
+
+def model_from_plan(plan: OutputPlan, device: str = "cpu"):
+    """The planned model in memory (no files written): every tensor computed and loaded."""
+    import torch
+
+    from .modeling import WEMoEConfig, WEMoEModel
+
+    config = WEMoEConfig.from_dict({k: v for k, v in plan.config.items() if k != "architectures"})
+    model = WEMoEModel(config)
+    state = {t.name: t.compute() for t in plan.tensors}
+    missing, unexpected = model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,157 @@
+"""PWE-MoE training (spec §5.2): per step a preference ``p ~ Dirichlet(α·1)`` is set on every
+router, each task contributes the cross-entropy ``L_i`` of its head on a labeled batch of its
+**train** split, and the routers descend
+
+* LS (linear scalarization): ``Σ p_i L_i``;
+* EPO (Mahapatra & Rajan, ICML 2020): ``n · Σ a_i L_i`` with ``a`` from a small linear program
+  over the per-task gradients (a *balance* step while the loss profile ``p ⊙ L`` is not uniform,
+  else a *descent* step); ``a = p / Σp`` when the LP fails. Solved with scipy's HiGHS.
+
+Adam, cosine annealing from ``lr`` to ``0.1·lr``. At the end every point of the preference
+grid (multiples of ``1/(m−1)``) is evaluated when the data has labels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+EPS = 1e-4
+
+
+def epo_weights(losses: np.ndarray, grads: np.ndarray, pref: np.ndarray) -> tuple[np.ndarray, str]:
+    """EPO's LP: ``losses`` [n], ``grads`` [n, P] per-task gradients, ``pref`` [n]."""
+    from scipy.optimize import linprog
+
+    n = len(losses)
+    fallback = pref / pref.sum()
+    rl = pref * np.maximum(losses, 1e-12)
+    l_hat = rl / rl.sum()
+    mu = float(np.sum(l_hat * np.log(np.maximum(l_hat * n, 1e-12))))  # KL(l_hat || uniform)
+    adjust = pref * (np.log(np.maximum(l_hat * n, 1e-12)) - mu)
+    gram = grads @ grads.T
+    ca = gram @ adjust
+    a_eq, b_eq = np.ones((1, n)), np.array([1.0])
+    if mu > EPS:  # balance: move the losses towards the preference ray
+        mode = "balance"
+        rhs = ca.copy()
+        favoured = ca > 0
+        if favoured.any():
+            rhs[favoured] = -np.inf
+            rhs[rl == rl.max()] = 0.0
+        else:
+            rhs = np.zeros(n)
+        keep = np.isfinite(rhs)
+        result = linprog(-ca, A_ub=-gram[keep], b_ub=-rhs[keep], A_eq=a_eq, b_eq=b_eq, bounds=[(0, None)] * n,
+                         method="highs")
+    else:  # descent: decrease every loss, staying on the ray
+        mode = "descent"
+        a_ub = np.vstack([-gram, -ca[None, :]])
+        b_ub = np.concatenate([np.zeros(n), [min(ca.max(), 0.0)]])
+        result = linprog(-gram.sum(0), A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=[(0, None)] * n,
+                         method="highs")
+    if not result.success or not np.all(np.isfinite(result.x)):
+        return fallback, "fallback"
+    return np.clip(result.x, 0, None), mode
+
+
+def grid(n: int, m: int) -> list[list[float]]:
+    """Every point of the simplex whose coordinates are multiples of ``1/(m−1)``."""
+    steps = max(m - 1, 1)
+    return [[c / steps for c in combo] for combo in itertools.product(range(steps + 1), repeat=n)
+            if sum(combo) == steps]
+
+
+def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, progress: bool = False) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from .adapt import Stream, _progress, world
+    from .diagnostics import accuracy
+    from .tasks import logits
+
+    rank, size = world()
+    device = torch.device(opts["device"])
+    n, steps = model.config.num_experts, opts["max_steps"]
+    names = list(model.config.expert_names)
+    for task in tasks:
+        if task.labels is None:
+            from mixcli import MixcliError
+
+            raise MixcliError(f"{where}: task '{task.name}' has no labels in {task.data_path}; pwe_moe trains on "
+                              "labeled data")
+    torch.manual_seed(seed)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.router_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=opts["lr"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
+    dirichlet = torch.distributions.Dirichlet(torch.full((n,), float(opts["alpha"])))
+    streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
+    share = opts["batch_size"] // size
+    history = {"step": [], "loss": [], "tasks": {t.name: [] for t in tasks}, "ylabel": "cross-entropy", "moves": {}}
+    bar = _progress(progress, steps)
+    try:
+        for step in range(steps):
+            pref = dirichlet.sample()
+            model.set_preference(pref)
+            losses = []
+            for task, stream in zip(tasks, streams):
+                index = stream.take(opts["batch_size"])[rank * share:(rank + 1) * share]
+                z = logits(model, task, task.batch(index), device)
+                losses.append(F.cross_entropy(z, task.labels[index].to(device)))
+            weights = torch.stack([pref[names.index(t.name)] for t in tasks]).to(device)
+            if opts["objective"] == "epo":
+                grads = []
+                for loss in losses:
+                    g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                    grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
+                                            for x, p in zip(g, params)]))
+                a, move = epo_weights(np.array([float(v) for v in losses]), torch.stack(grads).cpu().double().numpy(),
+                                      weights.cpu().double().numpy())
+                history["moves"][move] = history["moves"].get(move, 0) + 1
+                total = len(losses) * sum(float(w) * loss for w, loss in zip(a, losses))
+            else:
+                total = sum(w * loss for w, loss in zip(weights, losses))
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if size > 1:
+                import torch.distributed as dist
+
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= size
+            opt.step()
+            sched.step()
+            values = [float(v) for v in losses]
+            history["step"].append(step + 1)
+            history["loss"].append(sum(values))
+            for task, value in zip(tasks, values):
+                history["tasks"][task.name].append(value)
+            if bar is not None:
+                bar[0].update(bar[1], advance=1)
+            elif rank == 0 and (step + 1) % max(1, steps // 10) == 0:
+                log(f"step {step + 1}/{steps}  loss {sum(values):.4f}")
+    finally:
+        if bar is not None:
+            bar[0].stop()
+        for p in params:
+            p.requires_grad_(False)
+    front = []
+    for point in grid(n, opts["eval_grid_m"]):
+        model.set_preference([v + 1e-12 for v in point])
+        front.append({"preference": point, "accuracy": {t.name: accuracy(model, t, device) for t in tasks}})
+    model.set_preference([1.0] * n)
+    if rank == 0:
+        for row in front:
+            log(f"preference {row['preference']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["accuracy"].items()))
+    return {"objective": opts["objective"], "settings": opts, "seed": seed, "front": front, "history": history,
+            "data": {t.name: {"split": t.split, "path": t.data_path} for t in tasks}}

@@ -1,0 +1,153 @@
+"""Task folders: a classification head (``head.safetensors``: ``weight`` [labels, hidden],
+``bias``) and ``task.json`` naming the data, relative to the folder. ``data`` is one file or a
+table of splits (``{"train": ..., "test": ...}``). Data files are read with `datasets`
+(json/jsonl/csv/parquet/arrow or a ``save_to_disk`` folder; columns ``pixel_values`` or
+``input_ids``, and ``label``/``labels`` when present) or are safetensors files holding those
+tensors. Labels are only ever used for monitoring and for PWE-MoE's supervised training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixcli import MixcliError
+
+FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclass
+class Task:
+    name: str  # the project model name of the expert
+    title: str  # task name from task.json
+    weight: object  # head [labels, hidden]
+    bias: object
+    inputs: dict  # model keyword arguments, each a tensor over all samples
+    labels: object | None
+    split: str
+    data_path: str
+    feature: str = "pooler_output"
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batch(self, index) -> dict:
+        return {k: v[index] for k, v in self.inputs.items()}
+
+
+def task_files(name: str, folder: Path, where: str) -> tuple[dict, Path]:
+    if not (folder / "head.safetensors").is_file():
+        raise MixcliError(f"{where}: task '{name}' has no head.safetensors in {folder}; each adapted task "
+                          "needs its classification head")
+    if not (folder / "task.json").is_file():
+        raise MixcliError(f"{where}: task '{name}' has no task.json in {folder}; it names the task's data")
+    try:
+        info = json.loads((folder / "task.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise MixcliError(f"{where}: cannot read {folder / 'task.json'} ({error})") from None
+    return info, folder / "head.safetensors"
+
+
+def data_path(name: str, info: dict, folder: Path, split: str, where: str) -> Path:
+    data = info.get("data")
+    if isinstance(data, dict):
+        if split not in data:
+            raise MixcliError(f"{where}: task '{name}' has no '{split}' data in task.json "
+                              f"(splits: {', '.join(data) or 'none'})")
+        data = data[split]
+    if not isinstance(data, str) or not data:
+        raise MixcliError(f"{where}: task '{name}' has no data in task.json; add \"data\": \"file\"")
+    path = folder / data
+    if not path.exists():
+        raise MixcliError(f"{where}: task '{name}': data file {path} does not exist")
+    return path
+
+
+def _columns(path: Path, where: str) -> dict:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                data = data["test" if "test" in data else next(iter(data))]
+        else:
+            kind = FORMATS.get(path.suffix.lower())
+            if kind is None:
+                raise MixcliError(f"{where}: cannot read {path.name}; use safetensors, "
+                                  f"{', '.join(sorted(FORMATS))} or a save_to_disk folder")
+            data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except MixcliError:
+        raise
+    except Exception as error:
+        raise MixcliError(f"{where}: cannot read {path} ({str(error).splitlines()[0]})") from None
+    out = {}
+    for column in ("pixel_values", "input_ids", "attention_mask", "label", "labels"):
+        if column in data.column_names:
+            values = data[column]
+            if column == "input_ids":  # pad ragged token lists, with a mask
+                width = max(len(v) for v in values)
+                out["input_ids"] = torch.tensor([list(v) + [0] * (width - len(v)) for v in values])
+                out["attention_mask"] = torch.tensor([[1] * len(v) + [0] * (width - len(v)) for v in values])
+            elif column != "attention_mask" or "input_ids" not in out:
+                out[column] = torch.tensor(values)
+    return out
+
+
+def read_task(name: str, folder: Path, split: str, config: dict, where: str, max_samples: int = 0) -> Task:
+    """The task of the expert ``name`` stored in ``folder``."""
+    import torch
+    from safetensors.torch import load_file
+
+    info, head_path = task_files(name, Path(folder), where)
+    path = data_path(name, info, Path(folder), split, where)
+    columns = _columns(path, where)
+    head = load_file(str(head_path))
+    if "weight" not in head or "bias" not in head:
+        raise MixcliError(f"{where}: task '{name}': {head_path} must hold 'weight' and 'bias'")
+    labels = columns.get("label", columns.get("labels"))
+    if "pixel_values" in columns:
+        x = columns["pixel_values"].float()
+        size, channels = config.get("image_size", 0), config.get("num_channels", 1)
+        if isinstance(size, int) and size and x[0].numel() == channels * size * size:
+            x = x.reshape(len(x), channels, size, size)
+        inputs = {"pixel_values": x}
+    elif "input_ids" in columns:
+        inputs = {"input_ids": columns["input_ids"].long(), "attention_mask": columns["attention_mask"].long()}
+    else:
+        raise MixcliError(f"{where}: task '{name}': {path} has neither 'pixel_values' nor 'input_ids'")
+    if max_samples:
+        inputs = {k: v[:max_samples] for k, v in inputs.items()}
+        labels = None if labels is None else labels[:max_samples]
+    return Task(name, str(info.get("task", name)), head["weight"].float(), head["bias"].float(), inputs,
+                None if labels is None else torch.as_tensor(labels).long(), split, str(path),
+                str(info.get("feature", "pooler_output")))
+
+
+def features(output, feature: str = "pooler_output", mask=None):
+    """The vector a head reads from a backbone output."""
+    pooled = getattr(output, "pooler_output", None)
+    if feature == "pooler_output" and pooled is not None:
+        return pooled
+    hidden = output.last_hidden_state
+    if feature == "mean":
+        if mask is None:
+            return hidden.mean(1)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return hidden[:, 0]
+
+
+def logits(model, task: Task, batch: dict, device) -> object:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(**batch)
+    f = features(out, task.feature, batch.get("attention_mask")).float()
+    return f @ task.weight.to(device).T + task.bias.to(device)

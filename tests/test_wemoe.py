@@ -1,0 +1,277 @@
+"""Weight-ensembling MoE (mixcli-wemoe) on tiny seeded ViTs built here: a base and two experts
+fine-tuned (MLPs only) against fixed random heads on synthetic 8x8 tasks. Through the CLI,
+real models, no mocks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from conftest import write_project
+from mixcli.cli import cli
+from mixcli.plugins import register_architectures
+from mixcli_wemoe.command import add_commands
+
+add_commands(cli)  # what `mixcli` (main) does for every plugin's register_commands
+
+TASKS = 2
+
+
+def vit_config():
+    return transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+
+
+def task_data(t, n, gen):
+    protos = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(100 + t))
+    y = torch.randint(0, 3, (n,), generator=gen)
+    signature = torch.zeros(1, 1, 8, 8)
+    signature[..., 4 * t:4 * t + 2, :] = 2.0  # tells the tasks apart
+    return protos[y] + signature + 0.5 * torch.randn(n, 1, 8, 8, generator=gen), y
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    base = transformers.ViTModel(vit_config()).eval()
+    base.save_pretrained(root / "base")
+    gen = torch.Generator().manual_seed(1)
+    for t in range(TASKS):
+        x, y = task_data(t, 192, gen)
+        head = torch.nn.Linear(16, 3)
+        torch.nn.init.normal_(head.weight, std=1.0)
+        model = transformers.ViTModel(vit_config())
+        model.load_state_dict(base.state_dict())
+        params = [p for n, p in model.named_parameters() if ".mlp." in n]
+        for p in model.parameters():
+            p.requires_grad_(p in set(params))
+        opt = torch.optim.Adam(params, lr=1e-2)
+        for _ in range(120):
+            i = torch.randint(0, 128, (32,), generator=gen)
+            loss = F.cross_entropy(head(model(pixel_values=x[i]).pooler_output), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        folder = root / f"t{t}"
+        model.eval().save_pretrained(folder)
+        save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+                  str(folder / "head.safetensors"))
+        (folder / "data").mkdir()
+        save_file({"pixel_values": x[128:].contiguous(), "labels": y[128:].contiguous()}, str(folder / "data/test.safetensors"))
+        save_file({"pixel_values": x[:128].contiguous(), "labels": y[:128].contiguous()}, str(folder / "data/train.safetensors"))
+        (folder / "task.json").write_text(json.dumps({"task": f"t{t}", "data": {"train": "data/train.safetensors",
+                                                                               "test": "data/test.safetensors"}}))
+    torch.set_num_threads(threads)
+    return root
+
+
+def project(folder, family, method="we_moe", extra="", adapt=None, out="out", name="project.toml"):
+    models = "\n".join(f't{t} = "{family / f"t{t}"}"' for t in range(TASKS))
+    text = f'[models]\nbase = "{family / "base"}"\n{models}\n\n[method]\nname = "{method}"\nbase = "base"\n{extra}\n'
+    if adapt is not None:
+        text += f"\n[adapt]\n{adapt}\n"
+    return write_project(folder, text + f'\n[output]\npath = "{out}"\n', name)
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+def fails(args, message):
+    result = run(*args, code=1)
+    assert result.output.strip() == f"Error: {message}", result.output
+
+
+def auto(folder):
+    register_architectures()
+    return transformers.AutoModel.from_pretrained(folder).eval()
+
+
+def inputs(n=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([task_data(t % TASKS, 1, gen)[0] for t in range(n)])
+
+
+def task_arithmetic(family, lam):
+    base = transformers.ViTModel.from_pretrained(family / "base").eval()
+    experts = [transformers.ViTModel.from_pretrained(family / f"t{t}").state_dict() for t in range(TASKS)]
+    state = {k: v + lam * sum(e[k] - v for e in experts) for k, v in base.state_dict().items()}
+    base.load_state_dict(state)
+    return base
+
+
+def test_init_equals_task_arithmetic(family, tmp_path):
+    run("merge", project(tmp_path, family, extra="router_std = 0.0", out="exact"))
+    run("merge", project(tmp_path, family, name="p2.toml", out="random"))
+    x = inputs()
+    with torch.no_grad():
+        reference = task_arithmetic(family, 0.3)(pixel_values=x).pooler_output
+        exact = auto(tmp_path / "exact")(pixel_values=x).pooler_output
+        random = auto(tmp_path / "random")(pixel_values=x).pooler_output
+    assert torch.allclose(exact, reference, atol=1e-6)
+    assert (random - reference).abs().max() < 1e-2  # routers start near λ
+    config = json.loads((tmp_path / "random/config.json").read_text())
+    assert config["model_type"] == "mixcli_wemoe" and len(config["blocks"]) == 2
+    assert set(config["mixcli"]["inputs"]) == {"base", "t0", "t1"}
+
+
+def test_per_sample_routing_and_save_load(family, tmp_path):
+    copy = tmp_path / "family"
+    shutil.copytree(family, copy)
+    run("merge", project(tmp_path, copy))
+    shutil.rmtree(copy)  # the saved model runs without its source models
+    model = auto(tmp_path / "out")
+    assert type(model).__name__ == "WEMoEModel" and not model.routing.batch_reduce
+    with torch.no_grad():
+        for router in model.routers:  # routers that really depend on the input
+            router.fc1.weight.normal_(0, 0.5)
+            router.fc2.weight.normal_(0, 0.5)
+    x = inputs(4)
+    with torch.no_grad():
+        batch = model(pixel_values=x).last_hidden_state
+        single = torch.cat([model(pixel_values=x[i:i + 1]).last_hidden_state for i in range(4)])
+        with model.recording() as record:
+            model(pixel_values=x)
+        model.set_batch_reduce(True)
+        reduced = model(pixel_values=x).last_hidden_state
+        model.set_batch_reduce(False)
+        explicit = model.merge_and_unload(record[0][1][2])  # sample 2's coefficients, explicitly merged
+    assert torch.allclose(batch, single, atol=1e-5)  # a sample's output ignores the rest of the batch
+    assert not torch.allclose(batch, reduced, atol=1e-3)  # per-sample routing differs from batch routing
+    assert record[0][1].shape == (4, TASKS)
+    layer0 = model.backbone.layers[0]
+    with torch.no_grad():
+        h = layer0.layernorm_after(torch.randn(1, 5, 16))
+        model.routing.forced = record[0][1][2]
+        routed = layer0.mlp(h)
+        model.routing.forced = None
+        plain = explicit.layers[0].mlp(h)
+    assert torch.allclose(routed, plain, rtol=1e-5, atol=1e-6)
+    # save -> load round trip: same tensors, same outputs, loads through AutoModel
+    model.save_pretrained(tmp_path / "again")
+    again = auto(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(pixel_values=x).last_hidden_state, batch)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not list((tmp_path / "again").glob("*.bin")) and not list((tmp_path / "again").glob("*.pt"))
+
+
+def test_tta_lowers_entropy_raises_accuracy(family, tmp_path):
+    run("merge", project(tmp_path, family, out="plain", name="plain.toml"))
+    settings = "max_steps = 60\nlr = 1e-3\ntask_id_weight = 1.0"
+    result = run("adapt", project(tmp_path, family, adapt=settings))
+    assert "routing per task" in result.output and "oracle routing" in result.output
+    out = tmp_path / "out"
+    history = json.loads((out / "adapt_log.json").read_text())
+    assert history["loss"][-1] < history["loss"][0]
+    record = json.loads((out / "config.json").read_text())["mixcli"]["adapt"]
+    before, after = record["accuracy_before"], record["accuracy"]
+    assert sum(after.values()) > sum(before.values()) + 0.1, (before, after)
+    assert record["data"]["t0"]["split"] == "test" and record["collapse"] is None
+    assert (out / "adapt_loss.png").stat().st_size > 1000
+    old, new = load_file(tmp_path / "plain/model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(k.startswith("routers.") for k in changed)  # only routers train
+
+
+def test_ddp_two_processes_equal_one(family, tmp_path):
+    settings = "max_steps = 3\nlr = 1e-3\nbatch_size = 8\nbatch_reduce = false"
+    path = project(tmp_path, family, adapt=settings, out="one")
+    run("adapt", path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "mixcli", "adapt", str(path), "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = load_file(tmp_path / "one/model.safetensors"), load_file(tmp_path / "two/model.safetensors")
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-6), key
+
+
+def test_sparse_pruning_fraction_and_shared_router(family, tmp_path):
+    run("merge", project(tmp_path, family, "sparse_we_moe", "tv_prune_ratio = 0.9"))
+    model = auto(tmp_path / "out")
+    assert len(model.routers) == 1 and all(g.router is model.routers[0] for g in model.groups)
+    base = load_file(family / "base/model.safetensors")
+    for t in range(TASKS):
+        expert = load_file(family / f"t{t}/model.safetensors")
+        delta = expert["encoder.layer.0.intermediate.dense.weight"] - base["encoder.layer.0.intermediate.dense.weight"]
+        stored = model.backbone.layers[0].mlp.fc1.delta_weight[t]
+        q = torch.quantile(delta.abs().flatten(), 0.9)
+        assert int((stored != 0).sum()) == int((delta.abs() > q).sum())
+        assert torch.equal(stored, delta * (delta.abs() > q))
+
+
+def test_rank_one_full_rank_reconstructs(family, tmp_path):
+    run("merge", project(tmp_path, family, "rank_one_moe", "rank_k = 16", out="r1"))
+    run("merge", project(tmp_path, family, extra="", out="dense", name="p2.toml"))
+    rank_one, dense = auto(tmp_path / "r1"), auto(tmp_path / "dense")
+    fc1 = rank_one.backbone.layers[0].mlp.fc1
+    assert fc1.expert_u.shape == (TASKS * 16, 32) and fc1.expert_v.shape == (TASKS * 16, 16)
+    x = inputs()
+    with torch.no_grad(), rank_one.forced_routing(torch.full((TASKS * 16,), 0.3)), \
+            dense.forced_routing(torch.full((TASKS,), 0.3)):
+        a = rank_one(pixel_values=x).pooler_output
+        b = dense(pixel_values=x).pooler_output
+    assert torch.allclose(a, b, atol=1e-5)  # full rank and all coefficients λ = task arithmetic
+
+
+def test_pwe_collapse_equals_routed(family, tmp_path):
+    run("merge", project(tmp_path, family, "pwe_moe"))
+    model = auto(tmp_path / "out")
+    assert len(model.groups) == 4  # MLP and attention of both layers
+    with torch.no_grad():
+        for router in model.routers:
+            router.fc1.weight.normal_(0, 0.5)
+    x = inputs()
+    model.set_preference([0.8, 0.2])
+    with torch.no_grad():
+        routed = model(pixel_values=x).pooler_output
+        plain = model.merge_and_unload()(pixel_values=x).pooler_output
+        model.set_preference([0.2, 0.8])
+        other = model(pixel_values=x).pooler_output
+    assert torch.allclose(routed, plain, atol=1e-5)
+    assert not torch.allclose(routed, other, atol=1e-4)
+
+
+def test_bad_inputs(family, tmp_path):
+    nohead = tmp_path / "nohead"
+    shutil.copytree(family / "t1", nohead)
+    (nohead / "head.safetensors").unlink()
+    text = project(tmp_path, family, adapt="max_steps = 1").read_text().replace(str(family / "t1"), str(nohead))
+    path = write_project(tmp_path, text, "nohead.toml")
+    fails(["merge", path], f"nohead.toml: [adapt]: task 't1' has no head.safetensors in {nohead}; each adapted "
+                           "task needs its classification head")
+    nodata = tmp_path / "nodata"
+    shutil.copytree(family / "t1", nodata)
+    shutil.rmtree(nodata / "data")
+    path = write_project(tmp_path, text.replace(str(nohead), str(nodata)), "nodata.toml")
+    fails(["merge", path], f"nodata.toml: [adapt]: task 't1': data file {nodata / 'data/test.safetensors'} "
+                           "does not exist")
+    fails(["merge", project(tmp_path, family, adapt="max_step = 1", name="typo.toml")],
+          "typo.toml: [adapt]: unknown key 'max_step' (did you mean 'max_steps'?)")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
+    torch.manual_seed(0)
+    gpt = transformers.GPT2Model(cfg)
+    gpt.save_pretrained(tmp_path / "gpt_base")
+    gpt.save_pretrained(tmp_path / "gpt_ft")
+    path = write_project(tmp_path, f'[models]\nbase = "{tmp_path / "gpt_base"}"\nft = "{tmp_path / "gpt_ft"}"\n'
+                                   '[method]\nname = "we_moe"\nbase = "base"\n[output]\npath = "o"\n', "gpt.toml")
+    fails(["merge", path], "gpt.toml: [method]: no mlp blocks found in the base model ('gpt2'); we_moe needs "
+                           "recognisable Linear blocks (fc1/fc2, gate/up/down_proj, intermediate/output.dense, ...)")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
