@@ -44,12 +44,30 @@ def run_evaluator(evaluator, model_path: Path, settings: dict, where: str, model
     from .plugins import register_architectures
 
     register_architectures()
+    check_architecture(Path(model_path))
     context = EvalContext(Path(model_path), resolve_params(evaluator, dict(settings), where),
                           dict(models or {}), Path(base_dir), device)
     metrics = evaluator.evaluate(context)
     if not isinstance(metrics, dict):
         raise RuntimeError(f"evaluator '{evaluator.name}' returned {type(metrics).__name__}, not a dict")
     return metrics
+
+
+def check_architecture(model_path: Path) -> None:
+    """A model whose config names the mixcli plugin providing its architecture (``mixcli_plugin``)
+    fails with a one-line "install it" error when transformers does not know its model type."""
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    plugin, model_type = config.get("mixcli_plugin"), config.get("model_type")
+    if not plugin or not model_type:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise MixcliError(f"{model_path}: model type '{model_type}' is provided by the mixcli plugin "
+                          f"'{plugin}', which is not installed; install it (pip install {plugin})")
 
 
 def evaluate_project(project, model_path: Path, registry, device: str = "cpu") -> list[dict]:

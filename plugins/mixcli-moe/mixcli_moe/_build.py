@@ -1,0 +1,284 @@
+"""The output plan shared by moe_upcycle and moe_merge.
+
+Everything is checked from configs and headers first; then routers are computed (prompt
+modes run the base model here, in build()); then each output tensor becomes an
+:class:`~mixcli.plan.OutputTensor` whose ``compute`` reads its few source tensors on demand,
+so the engine streams the model a tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from mixcli import MixcliError
+from mixcli.plan import OutputPlan, OutputTensor, output_dtype_name, split_layer_name
+from mixcli.seeding import derive_seed
+
+from . import routers as router_init
+from ._stem import stem_tensor, stem_sources
+from ._target import (ATTENTION, MLP_PARTS, Names, check_input_config, check_names, is_custom,
+                      native_layout, output_config, parameter_counts)
+
+CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+@dataclass
+class Recipe:
+    base: str  # donor of the stem (with stem = "base") and of the tokenizer
+    experts: list[str]  # model name of each expert slot
+    k: int
+    modules: tuple = ("mlp",)
+    layers: list[int] | None = None  # mixed layers; None = all
+    layout: str = ""
+    gate_mode: str = "uniform_random"
+    hidden_dtype: str = "bfloat16"
+    stem: str = "base"
+    stem_params: dict = field(default_factory=dict)
+    noise: list[float] = field(default_factory=list)
+    residual: list[float] = field(default_factory=list)
+    positive: list[list[str]] = field(default_factory=list)
+    negative: list[list[str]] = field(default_factory=list)
+    aux_loss_coef: float = 0.01
+
+
+def warn(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+def check_models(context, recipe: Recipe, where: str) -> None:
+    """Same model type, tensor names and shapes everywhere; every layer has a gate/up/down MLP."""
+    base = context.models[recipe.base]
+    for name in dict.fromkeys([recipe.base, *recipe.experts]):
+        check_input_config(context.models[name].config, name, where)
+    for name in dict.fromkeys(recipe.experts):
+        other = context.models[name]
+        if other.config.get("model_type") != base.config.get("model_type"):
+            raise MixcliError(f"{where}: model '{name}' is a {other.config.get('model_type')} and the base "
+                              f"'{recipe.base}' a {base.config.get('model_type')}; all models must share one "
+                              "architecture")
+        for tensor, info in base.tensors.items():
+            theirs = other.tensors.get(tensor)
+            if theirs is None:
+                raise MixcliError(f"{where}: model '{name}' has no tensor '{tensor}' that the base "
+                                  f"'{recipe.base}' has; all models must share one architecture")
+            if tuple(theirs.shape) != tuple(info.shape):
+                raise MixcliError(f"{where}: experts of different shapes: '{tensor}' is {list(theirs.shape)} in "
+                                  f"'{name}' and {list(info.shape)} in the base '{recipe.base}'; all models "
+                                  "must share one architecture and size")
+    layers = base.num_layers or 0
+    for layer in range(layers):
+        for part in MLP_PARTS:
+            if Names.dense(layer, part) not in base.tensors:
+                raise MixcliError(f"{where}: model '{recipe.base}' has no '{Names.dense(layer, part)}'; MoE "
+                                  "mixing needs a gate_proj/up_proj/down_proj MLP in every layer")
+
+
+def check_recipe(context, recipe: Recipe, where: str) -> None:
+    count = len(recipe.experts)
+    if count < 1:
+        raise MixcliError(f"{where}: no experts; list the expert models (experts = [...])")
+    if recipe.k < 1 or recipe.k > count:
+        raise MixcliError(f"{where}: experts_per_token ({recipe.k}) is larger than the number of experts "
+                          f"({count})" if recipe.k > count else f"{where}: experts_per_token must be >= 1")
+    layers = context.models[recipe.base].num_layers or 0
+    for layer in recipe.layers or []:
+        if not 0 <= layer < layers:
+            raise MixcliError(f"{where}: layers lists {layer}, but the models have layers 0..{layers - 1}")
+    custom = is_custom(recipe.modules, recipe.layers, {})
+    native = native_layout()
+    if recipe.layout and custom and recipe.layout != native:
+        raise MixcliError(f"{where}: layout '{recipe.layout}' is not available with attention experts; the "
+                          f"mixcli_mixllama architecture uses the installed transformers' layout '{native}'")
+
+
+def routers_for(context, recipe: Recipe, groups: int, shape: tuple[int, int, int], where: str) -> list:
+    """One ``[L, E, H]`` float32 router set per router group (mlp, then q/k/v in that order)."""
+    mode = "hidden" if recipe.gate_mode == "hidden_last" else recipe.gate_mode
+    if mode in ("random", "uniform_random"):
+        return router_init.random_draws(mode, groups, *shape, context.seed)
+    routers = router_init.compute(mode, context.models[recipe.base], recipe.positive, recipe.negative,
+                                  shape[0], recipe.hidden_dtype)
+    bad = router_init.degenerate_layers(routers)
+    if bad:
+        warn(f"{where}: router rows of layers {bad} are nearly parallel (condition number > 5): prompts too "
+             "similar; experts will be under-used")
+    return [routers] * groups  # prompt modes: the same per-layer vectors for every router group
+
+
+class _Piece:
+    """One expert's source tensor, cast, with optional seeded noise and residual scale."""
+
+    def __init__(self, ckpt, name, noise=0.0, residual=None, seed=0):
+        self.ckpt, self.name, self.noise, self.residual, self.seed = ckpt, name, noise, residual, seed
+
+    def load(self, dtype):
+        import torch
+
+        tensor = self.ckpt.tensor(self.name).to(dtype)
+        if self.noise:
+            generator = torch.Generator().manual_seed(self.seed)
+            tensor = tensor + self.noise * torch.randn(tensor.shape, generator=generator, dtype=dtype)
+        if self.residual is not None and self.residual != 1.0:
+            tensor = tensor * self.residual
+        return tensor
+
+
+class _Expert:
+    def __init__(self, piece, code):
+        self.piece, self.code = piece, code
+
+    def __call__(self):
+        from mixcli.safetensors_io import torch_dtype
+
+        return self.piece.load(torch_dtype(self.code))
+
+
+class _Fused:
+    """``[E, rows, cols]``: per expert, its pieces stacked along the rows (gate then up)."""
+
+    def __init__(self, pieces: list[list[_Piece]], shape, code):
+        self.pieces, self.shape, self.code = pieces, shape, code
+
+    def __call__(self):
+        import torch
+
+        from mixcli.safetensors_io import torch_dtype
+
+        dtype = torch_dtype(self.code)
+        out = torch.empty(self.shape, dtype=dtype)
+        for e, parts in enumerate(self.pieces):
+            row = 0
+            for piece in parts:
+                tensor = piece.load(dtype)
+                out[e, row:row + tensor.shape[0]].copy_(tensor)
+                row += tensor.shape[0]
+        return out
+
+
+class _Router:
+    def __init__(self, values, code):
+        self.values, self.code = values, code
+
+    def __call__(self):
+        from mixcli.safetensors_io import torch_dtype
+
+        return self.values.to(torch_dtype(self.code)).contiguous()
+
+
+def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
+    where = f"{context.project.where}: [method]"
+    check_recipe(context, recipe, where)
+    check_models(context, recipe, where)
+    base = context.models[recipe.base]
+    cfg = base.config
+    layers_count = base.num_layers
+    hidden = cfg["hidden_size"]
+    count, k = len(recipe.experts), recipe.k
+    mixed = set(range(layers_count)) if recipe.layers is None else set(recipe.layers)
+    custom = is_custom(recipe.modules, recipe.layers, cfg)
+    layout = recipe.layout or native_layout()
+    names = Names(layout, custom)
+    dtype = (context.project.out_dtype or context.project.dtype or cfg.get("dtype") or cfg.get("torch_dtype")
+             or "float32")
+    code = CODES.get(dtype, "F32")
+    stem_plan = stem_sources(context, recipe, where)  # checks stem parameters before any read
+    if count & (count - 1):
+        warn(f"{where}: {count} experts is not a power of two; llama.cpp refuses such models")
+    if cfg.get("sliding_window") and cfg.get("sliding_window") < cfg.get("max_position_embeddings", 0):
+        warn(f"{where}: the base uses a sliding window of {cfg['sliding_window']} tokens; the Mixtral output "
+             "attends to the whole context (sliding_window = None), so outputs differ beyond that length")
+
+    groups = [m for m in ("mlp", *ATTENTION) if m in recipe.modules]
+    routers = dict(zip(groups, routers_for(context, recipe, len(groups) or 1,
+                                           (layers_count, count, hidden), where)))
+    if "mlp" not in routers:  # a stock Mixtral block still needs a router; custom dense MLPs do not
+        routers["mlp"] = router_init.random_draws("uniform_random", 1, layers_count, count, hidden,
+                                                  derive_seed(context.seed, "mlp-router"))[0]
+    tensors: list[OutputTensor] = []
+
+    def piece(slot: int, name: str, layer: int, part: str, noisy: bool = True) -> _Piece:
+        ckpt = context.models[recipe.experts[slot]]
+        noise = recipe.noise[slot] if noisy and recipe.noise else 0.0
+        residual = recipe.residual[slot] if noisy and recipe.residual and part == "down_proj" else None
+        return _Piece(ckpt, name, noise, residual, derive_seed(context.seed, "noise", name, slot))
+
+    def base_piece(name: str) -> _Piece:
+        return _Piece(base, name)
+
+    for tensor_name in sorted(base.tensors, key=_order):
+        split = split_layer_name(tensor_name)
+        layer = split[1] if split else None
+        template = split[0] if split else ""
+        proj = template.split(".")[-2] if template.startswith("model.layers.{}.self_attn.") else None
+        if template.startswith("model.layers.{}.mlp."):
+            moe_here = not custom or ("mlp" in recipe.modules and layer in mixed)
+            if moe_here:
+                continue  # written below, once per layer
+        elif proj in recipe.modules and layer in mixed:
+            for slot in range(count):
+                source = piece(slot, tensor_name, layer, proj, noisy=False)
+                out = names.attention_expert(layer, proj, slot)
+                tensors.append(OutputTensor(out, base.tensors[tensor_name].shape, code, _Expert(source, code),
+                                            [(source.ckpt, tensor_name)],
+                                            {"kind": "expert", "expert": slot, "source": recipe.experts[slot]}))
+            continue
+        tensors.append(stem_tensor(stem_plan, tensor_name, code, context))
+
+    for layer in range(layers_count):
+        if custom and not ("mlp" in recipe.modules and layer in mixed):
+            continue
+        sources = {}
+        for slot in range(count):
+            for part in MLP_PARTS:
+                name = Names.dense(layer, part)
+                # a layer outside `layers` gets the base's MLP in every slot: dense behaviour
+                sources[slot, part] = piece(slot, name, layer, part) if layer in mixed else base_piece(name)
+        inter = base.tensors[Names.dense(layer, "gate_proj")].shape[0]
+        details = {"kind": "expert", "sources": [recipe.experts[s] if layer in mixed else recipe.base
+                                                 for s in range(count)]}
+        if layout == "v5":
+            gate_up, down = names.fused(layer)
+            pieces = [[sources[s, "gate_proj"], sources[s, "up_proj"]] for s in range(count)]
+            reads = [(p.ckpt, p.name) for parts in pieces for p in parts]
+            tensors.append(OutputTensor(gate_up, (count, 2 * inter, hidden), code,
+                                        _Fused(pieces, (count, 2 * inter, hidden), code), reads, details))
+            pieces = [[sources[s, "down_proj"]] for s in range(count)]
+            tensors.append(OutputTensor(down, (count, hidden, inter), code, _Fused(pieces, (count, hidden, inter),
+                                        code), [(p[0].ckpt, p[0].name) for p in pieces], details))
+        else:
+            for slot in range(count):
+                for part in MLP_PARTS:
+                    source = sources[slot, part]
+                    shape = base.tensors[source.name].shape
+                    tensors.append(OutputTensor(names.expert(layer, slot, part), shape, code, _Expert(source, code),
+                                                [(source.ckpt, source.name)], details))
+        tensors.append(OutputTensor(names.router(layer), (count, hidden), code,
+                                    _Router(routers["mlp"][layer], code), [],
+                                    {"kind": "router", "gate_mode": recipe.gate_mode}))
+    for proj in ATTENTION:
+        if proj not in recipe.modules:
+            continue
+        for layer in sorted(mixed):
+            tensors.append(OutputTensor(names.attention_router(layer, proj), (count, hidden), code,
+                                        _Router(routers[proj][layer], code), [],
+                                        {"kind": "router", "gate_mode": recipe.gate_mode}))
+
+    config = output_config(cfg, experts=count, k=k, dtype=output_dtype_name(code), modules=recipe.modules,
+                           layers=recipe.layers, aux_loss_coef=recipe.aux_loss_coef)
+    check_names(config, {t.name for t in tensors}, layout)
+    counts = parameter_counts(tensors, names, count, k)
+    info = {"method": method, "experts": recipe.experts, "base": recipe.base, "gate_mode": recipe.gate_mode,
+            "modules": list(recipe.modules), "layers": sorted(mixed), "layout": layout, "stem": recipe.stem,
+            "parameters": counts}
+    return OutputPlan(config=config, tensors=tensors, donor=base,
+                      extra_files={"moe_info.json": (json.dumps(info, indent=2) + "\n").encode()})
+
+
+def _order(name: str):
+    split = split_layer_name(name)
+    return (1, split[1], name) if split else (0 if "embed" in name else 2, 0, name)
+

@@ -1,0 +1,104 @@
+"""Writing a tuned model: the input's tensors streamed through unchanged except the trained
+ones, in the input's layout and dtypes, atomically (mixcli's engine: a temporary folder
+beside the target, renamed at the end), with the tuning log and loss curve beside them."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from mixcli import MixcliError
+from mixcli.checkpoint import Checkpoint, open_safetensors, read_config
+from mixcli.plan import OutputPlan, OutputTensor
+
+from ._target import to_v5
+
+SKIP = {"config.json", "model.safetensors.index.json", "README.md"}
+
+
+class _Trained:
+    def __init__(self, value, code):
+        self.value, self.code = value, code
+
+    def __call__(self):
+        from mixcli.safetensors_io import torch_dtype
+
+        return self.value.to(torch_dtype(self.code)).contiguous()
+
+
+class _Same:
+    def __init__(self, ckpt, name):
+        self.ckpt, self.name = ckpt, name
+
+    def __call__(self):
+        return self.ckpt.tensor(self.name)
+
+
+def loss_curve(history: list[dict], before, after) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    axis.plot(steps, [h["loss"] for h in history], label="train loss (CE + coef * aux)", linewidth=1)
+    axis.plot(steps, [h["ce"] for h in history], label="train CE", linewidth=1, alpha=0.7)
+    if before and after:
+        axis.scatter([0, steps[-1]], [before["ce"], after["ce"]], color="black", zorder=3, label="held-out CE")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title("mixcli tune: router tuning")
+    axis.legend()
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def save_tuned(source: Path, target: Path, model, trainable: list[str], settings, log: dict, project,
+               force: bool) -> Path:
+    from mixcli.engine import write_plan
+
+    ckpt = Checkpoint(name="tuned", path=source, config=read_config(source, "mixcli tune"),
+                      tensors=open_safetensors(source, "mixcli tune"))
+    state = dict(model.named_parameters())
+    by_file = {}
+    for name in ckpt.tensors:
+        by_file.setdefault(to_v5(name), []).append(name)
+    tensors = []
+    written = set()
+    for name, info in ckpt.tensors.items():
+        key = to_v5(name)
+        if key in trainable:
+            if len(by_file[key]) != 1:
+                raise MixcliError(f"mixcli tune: '{key}' is stored as several tensors ({by_file[key][0]}, ...) in "
+                                  f"{source}; train_modules cannot include per-expert 4.x-layout tensors")
+            value = state[key].detach().cpu()
+            if tuple(value.shape) != tuple(info.shape):
+                raise MixcliError(f"mixcli tune: '{key}' has shape {list(value.shape)} in the model and "
+                                  f"{list(info.shape)} in {source}")
+            tensors.append(OutputTensor(name, info.shape, info.dtype, _Trained(value, info.dtype), [],
+                                        {"kind": "trained"}))
+            written.add(key)
+        else:
+            tensors.append(OutputTensor(name, info.shape, info.dtype, _Same(ckpt, name), [(ckpt, name)]))
+    missing = sorted(set(trainable) - written)
+    if missing:
+        raise MixcliError(f"mixcli tune: trained parameter '{missing[0]}' has no tensor in {source}")
+    config = dict(ckpt.config)
+    config["router_aux_loss_coef"] = settings.aux_loss_coef
+    extra = {path.name: path.read_bytes() for path in source.iterdir()
+             if path.is_file() and path.suffix != ".safetensors" and path.name not in SKIP
+             and path not in ckpt.tokenizer_files()}
+    extra["tune_log.json"] = (json.dumps(log, indent=2, default=str) + "\n").encode()
+    extra["tune_loss.png"] = loss_curve(log["history"], log["before"], log["after"])
+    if settings.save_routers:
+        import safetensors.torch
+
+        routers = {name: state[name].detach().cpu().contiguous() for name in trainable}
+        extra["routers.safetensors"] = safetensors.torch.save(routers)
+    plan = OutputPlan(config=config, tensors=tensors, donor=ckpt, extra_files=extra)
+    return write_plan(plan, target, force=force, recipe=project.text, progress=False)

@@ -1,0 +1,203 @@
+"""The router-tuning loop behind ``mixcli tune`` (data, DDP, loss, log, plot, atomic save)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mixcli import MixcliError
+
+from ._balance import RouterCapture, balance_loss, is_router, load_fractions
+from ._prompts import FORMATS
+from .tune import world
+
+
+def load_texts(settings, project_dir: Path, eos: str) -> list[str]:
+    files = settings.data if isinstance(settings.data, list) else [settings.data]
+    texts = [t for file in files for t in _read(file, settings, project_dir, eos)]
+    if len(texts) < 2:
+        raise MixcliError(f"[tune] data: {len(texts)} rows; router tuning needs at least 2")
+    return texts
+
+
+def _read(file: str, settings, project_dir: Path, eos: str) -> list[str]:
+    path = Path(file).expanduser()
+    path = path if path.is_absolute() else project_dir / path
+    where = "[tune] data"
+    if not path.is_file():
+        raise MixcliError(f"{where}: {path} does not exist")
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise MixcliError(f"{where}: {path} must end in {', '.join(FORMATS)}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    columns = data.column_names
+    if settings.text_field in columns:
+        return [str(t) + eos for t in data[settings.text_field]]
+    if settings.prompt_field in columns and settings.answer_field in columns:
+        return [str(p) + str(a) + eos for p, a in zip(data[settings.prompt_field], data[settings.answer_field])]
+    raise MixcliError(f"{where}: {path} has neither a '{settings.text_field}' column nor "
+                      f"'{settings.prompt_field}' + '{settings.answer_field}' (columns: {', '.join(columns)})")
+
+
+def batch_tensors(sequences: list[list[int]], pad: int):
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+    return ids, mask
+
+
+def select_trainable(model, extra: list[str]) -> list[str]:
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_router(name) or any(part in name for part in extra))
+        if param.requires_grad:
+            names.append(name)
+    if not any(is_router(n) for n in names):
+        raise MixcliError("the model has no routers (mlp.gate / *.router); tune takes MoE outputs of mixcli-moe")
+    return names
+
+
+def losses(model, capture, ids, mask, k: int, tokens_global: float, coef: float):
+    """(local loss to backpropagate, CE sum, aux contribution, groups) for this rank's batch."""
+    capture.clear()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                             ignore_index=-100, reduction="sum")
+    groups = capture.logits
+    aux = sum(balance_loss(layers, mask, k) for layers in groups.values()) / max(1, len(groups))
+    return ce_sum / tokens_global + coef * aux, ce_sum, aux, groups
+
+
+def evaluate(model, capture, sequences, pad: int, k: int, batch: int) -> dict:
+    """Held-out CE (token mean), L_aux and per-layer load fractions (local, no communication)."""
+    model.eval()
+    ce, tokens, aux_total, batches, loads = 0.0, 0, 0.0, 0, {}
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch):
+            ids, mask = batch_tensors(sequences[start:start + batch], pad)
+            capture.clear()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+            ce += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                        ignore_index=-100, reduction="sum"))
+            tokens += int((labels != -100).sum())
+            groups = capture.logits
+            aux_total += float(sum(_local_aux(v, mask, k) for v in groups.values()) / max(1, len(groups)))
+            batches += 1
+            for group, layers in groups.items():
+                for i, frac in enumerate(load_fractions(layers, mask, k)):
+                    loads.setdefault(group, {}).setdefault(i, []).append(frac)
+    model.train()
+    mean_loads = {g: [[sum(c) / len(c) for c in zip(*v)] for _, v in sorted(per.items())] for g, per in loads.items()}
+    return {"ce": ce / max(1, tokens), "aux": aux_total / max(1, batches), "load": mean_loads}
+
+
+def _local_aux(layers, mask, k):
+    keep = mask.reshape(-1).bool()
+    rows = torch.cat([x[keep] for x in layers]).float()
+    probs = torch.softmax(rows, -1)
+    counts = F.one_hot(torch.topk(probs, k, -1).indices, rows.shape[-1]).sum((0, 1)).float()
+    return rows.shape[-1] * torch.sum(counts / rows.shape[0] * probs.mean(0))
+
+
+def train(source: Path, target: Path, settings, project, *, force: bool, progress: bool):
+    import torch.distributed as dist
+    import transformers
+
+    from mixcli.plugins import register_architectures
+
+    rank, size, local = world()
+    cuda = torch.cuda.is_available() and settings.device in ("auto", "cuda")
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if not cuda and size > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    register_architectures()
+    torch.manual_seed(settings.seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    k = model.config.num_experts_per_tok
+    trainable = select_trainable(model, settings.train_modules)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    texts = load_texts(settings, project.file.parent, tokenizer.eos_token or "")
+    sequences = [s for s in tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"] if len(s) > 1]
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(settings.seed)).tolist()
+    held = min(len(order) - 1, math.ceil(settings.eval_fraction * len(order))) if settings.eval_fraction else 0
+    held_out = [sequences[i] for i in order[:held]]
+    train_set = [sequences[i] for i in order[held:]]
+    if settings.batch_size % size:
+        raise MixcliError(f"[tune] batch_size ({settings.batch_size}) must be divisible by the number of "
+                          f"processes ({size})")
+    per_rank = settings.batch_size // size
+    capture = RouterCapture(model)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    before = evaluate(model, capture, held_out, pad, k, settings.batch_size) if held_out else None
+    model.train()
+    net = model
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[local] if cuda else None)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    sampler = torch.Generator().manual_seed(settings.seed + 1)
+    stream: list[int] = []
+    history = []
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]tuning routers"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not progress or rank != 0)
+    with bar:
+        task = bar.add_task("tune", total=settings.steps, loss="-")
+        for step in range(settings.steps):
+            while len(stream) < settings.batch_size:
+                stream += torch.randperm(len(train_set), generator=sampler).tolist()
+            chosen, stream = stream[:settings.batch_size], stream[settings.batch_size:]
+            mine = chosen[rank * per_rank:(rank + 1) * per_rank]
+            ids, mask = batch_tensors([train_set[i] for i in mine], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            tokens = _reduce(torch.tensor(float((mask[:, 1:] * mask[:, :-1]).sum()), device=device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss, ce_sum, aux, _ = losses(net, capture, ids, mask, k, float(tokens), settings.aux_loss_coef)
+            optimizer.zero_grad(set_to_none=True)
+            (loss * size).backward()  # DDP averages the ranks' gradients; the loss is already global
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            ce = float(_reduce(ce_sum.detach())) / float(tokens)
+            aux_value = float(_reduce(aux.detach()))
+            history.append({"step": step + 1, "ce": ce, "aux": aux_value, "loss": ce + settings.aux_loss_coef * aux_value})
+            bar.update(task, advance=1, loss=f"{history[-1]['loss']:.4f}")
+    capture.clear()
+    after = evaluate(model, capture, held_out, pad, k, settings.batch_size) if held_out else None
+    capture.remove()
+    result = None
+    if rank == 0:
+        log = {"settings": settings.__dict__, "source": str(source), "world_size": size,
+               "trainable": trainable, "trainable_parameters": sum(p.numel() for p in params),
+               "before": before, "after": after, "history": history}
+        from ._save import save_tuned
+
+        save_tuned(source, target, model, trainable, settings, log, project, force)
+        result = {"output": target, "before": before or history[0], "after": after or history[-1]}
+    if size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _reduce(value: torch.Tensor) -> torch.Tensor:
+    from ._balance import all_reduce
+
+    return all_reduce(value)

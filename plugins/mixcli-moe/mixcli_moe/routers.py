@@ -1,0 +1,146 @@
+"""Router initialisation: ``random``, ``uniform_random``, ``hidden`` (= ``hidden_last``),
+``hidden_avg`` and ``cheap_embed``, computed as mergekit-moe defines them (see the README).
+
+Every function returns float32 routers of shape ``[L, E, H]`` (row ``e`` of layer ``l``
+belongs to expert ``e``); the caller casts to the output dtype. Prompt-based modes run the
+*base* model only, a few prompts at a time, with no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+EPS = 1e-8
+CHUNK = 16  # prompts per forward pass: memory stays at one small batch of activations
+
+
+def random_draws(mode: str, groups: int, layers: int, experts: int, hidden: int, seed: int) -> list:
+    """``groups`` router sets from one generator seeded with ``seed``: the first is exactly
+    mergekit's ``torch.manual_seed(seed); torch.randn(L, E, H)`` (or its uniform variant)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(groups):
+        if mode == "random":
+            draws.append(torch.randn(layers, experts, hidden, generator=generator, dtype=torch.float32))
+        else:
+            scale = math.sqrt(1.0 / hidden)
+            draws.append(torch.rand(layers, experts, hidden, generator=generator) * 2 * scale - scale)
+    return draws
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding, pad = BOS (EOS without BOS); returns the text prefixed to each prompt."""
+    tokenizer.padding_side = "left"
+    pad = tokenizer.bos_token or tokenizer.eos_token
+    if pad is not None:
+        tokenizer.pad_token = pad
+    return tokenizer.bos_token or ""
+
+
+def encode(tokenizer, prompts: list[str]):
+    prefix = prepare_tokenizer(tokenizer)
+    return tokenizer([prefix + p for p in prompts], add_special_tokens=False, padding=True, return_tensors="pt")
+
+
+def _normalise(v):
+    import torch
+
+    return v / torch.clamp(torch.linalg.vector_norm(v, dim=-1, keepdim=True), min=EPS)
+
+
+def prompt_states(model, tokenizer, prompts: list[str], average: bool):
+    """``[L, H]``: mean over prompts of the residual stream entering each layer, at the last
+    token (``average``: masked mean over the prompt's tokens), float32 accumulation."""
+    import torch
+
+    decoder = getattr(model, model.base_model_prefix, model)
+    total = None
+    for start in range(0, len(prompts), CHUNK):
+        batch = encode(tokenizer, prompts[start:start + CHUNK])
+        with torch.no_grad():
+            out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=True, use_cache=False)
+        states = out.hidden_states[:-1]  # entry l enters layer l; the last is after the final layer
+        mask = batch["attention_mask"].to(torch.float32)
+        rows = []
+        for state in states:
+            state = state.to(torch.float32)
+            if average:
+                rows.append(((state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).sum(0))
+            else:
+                rows.append(state[:, -1].sum(0))
+        chunk = torch.stack(rows)
+        total = chunk if total is None else total + chunk
+    return total / len(prompts)
+
+
+def hidden_routers(model, tokenizer, positive: list[list[str]], negative: list[list[str]], average: bool):
+    """``hidden`` / ``hidden_avg``: R_l[e] = normalise(m_l(P_e) - m_l(N_e))."""
+    import torch
+
+    rows = []
+    for pos, neg in zip(positive, negative):
+        vector = prompt_states(model, tokenizer, pos, average)
+        if neg:
+            vector = vector - prompt_states(model, tokenizer, neg, average)
+        rows.append(_normalise(vector))
+    return torch.stack(rows, dim=1)  # [L, E, H]
+
+
+def embed_sum(embeddings, tokenizer, prompts: list[str]):
+    """s(S): the sum of the embedding rows of every real token (BOS included) of every prompt."""
+    import torch
+
+    total = torch.zeros(embeddings.shape[1], dtype=torch.float32)
+    for start in range(0, len(prompts), CHUNK):
+        batch = encode(tokenizer, prompts[start:start + CHUNK])
+        ids = batch["input_ids"][batch["attention_mask"].bool()]
+        total += embeddings[ids].to(torch.float32).sum(0)
+    return total
+
+
+def cheap_embed_routers(embeddings, tokenizer, positive, negative, layers: int):
+    """``cheap_embed``: v_e = u(P_e) - u(N_e) with u = normalised embedding sums; normalised
+    again and repeated for every layer."""
+    import torch
+
+    rows = []
+    for pos, neg in zip(positive, negative):
+        vector = _normalise(embed_sum(embeddings, tokenizer, pos))
+        if neg:
+            vector = vector - _normalise(embed_sum(embeddings, tokenizer, neg))
+        rows.append(_normalise(vector))
+    return torch.stack(rows)[None].repeat(layers, 1, 1)
+
+
+def compute(mode: str, base_ckpt, positive, negative, layers: int, dtype: str):
+    """The routers of a prompt-based mode: loads the base's tokenizer (and, for the hidden
+    modes, the base model in ``dtype``, freed afterwards)."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base_ckpt.path)
+    if mode == "cheap_embed":
+        embeddings = base_ckpt.tensor("model.embed_tokens.weight")
+        routers = cheap_embed_routers(embeddings, tokenizer, positive, negative, layers)
+        base_ckpt.release("model.embed_tokens.weight")
+        return routers
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_ckpt.path, dtype=getattr(torch, dtype)).eval()
+    try:
+        return hidden_routers(model, tokenizer, positive, negative, mode == "hidden_avg")
+    finally:
+        del model
+
+
+def degenerate_layers(routers) -> list[int]:
+    """Layers whose router matrix has a condition number above 5 (prompts too similar)."""
+    import torch
+
+    if routers.shape[1] < 2:
+        return []
+    return [layer for layer in range(routers.shape[0])
+            if float(torch.linalg.cond(routers[layer].to(torch.float32))) > 5]

@@ -1,0 +1,119 @@
+"""``mixcli tune PROJECT.toml``: train the routers of an MoE built by moe_merge/moe_upcycle.
+
+Reads the project's ``[tune]`` table (keys in :data:`KEYS`), loads the output model (or
+``--model``), freezes everything but the routers (and any ``train_modules``), and minimises
+``CE + aux_loss_coef * L_aux`` on a small local data set. Under ``torchrun`` (WORLD_SIZE set)
+it runs data-parallel with DDP (gloo on CPU, nccl on GPUs); the global batch is split over
+the ranks so the result matches one process with the same batch. Rank 0 writes the tuned
+model atomically, a loss curve (PNG) and a log.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import click
+
+from mixcli import MixcliError
+from mixcli.errors import closest
+
+
+@dataclass
+class TuneSettings:
+    data: object = ""  # required: a .jsonl/.json/.csv/.parquet/.txt file, or a list of them
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    max_length: int = 512
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
+    eval_fraction: float = 0.1
+    train_modules: list = None  # extra parameter-name substrings to train
+    seed: int = -1  # -1: the project's seed
+    output: str = ""
+    device: str = "auto"
+    save_routers: bool = False
+
+
+KEYS = tuple(f.name for f in fields(TuneSettings))
+POSITIVE = ("max_length", "steps", "batch_size")
+
+
+def read_settings(project) -> TuneSettings:
+    where = f"{project.where}: [tune]"
+    table = project.sections.get("tune")
+    if table is None:
+        raise MixcliError(f"{project.where}: [tune] is missing; add [tune] with data = \"train.jsonl\"")
+    values = {}
+    defaults = TuneSettings()
+    for key, value in table.items():
+        if key not in KEYS:
+            raise MixcliError(f"{where}: unknown key '{key}'{closest(key, KEYS)}")
+        want = type(getattr(defaults, key)) if key not in ("train_modules", "data") else list
+        if key == "data" and isinstance(value, str):
+            want = str
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise MixcliError(f"{where}: {key} must be a {want.__name__}, got {value!r}")
+        values[key] = value
+    settings = TuneSettings(**values)
+    if not settings.data or (isinstance(settings.data, list) and not all(isinstance(d, str) for d in settings.data)):
+        raise MixcliError(f"{where}: data is missing; give a .jsonl/.csv/.parquet/.txt file of training text")
+    for key in POSITIVE:
+        if getattr(settings, key) < 1:
+            raise MixcliError(f"{where}: {key} must be >= 1")
+    if not 0 <= settings.eval_fraction < 1:
+        raise MixcliError(f"{where}: eval_fraction must be in [0, 1)")
+    settings.train_modules = list(settings.train_modules or [])
+    if settings.seed < 0:
+        settings.seed = project.seed
+    return settings
+
+
+@click.command("tune")
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path),
+              help="Model folder to tune (default: the project's output).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write the tuned model (default: [tune] output, else <output>-tuned).")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def tune_command(project, model, out, force, no_progress):
+    """Train the routers of PROJECT's MoE on the [tune] data set (torchrun-aware)."""
+    import sys
+
+    from mixcli.core import load_project
+
+    proj, method = load_project(project)
+    if "tune" not in getattr(method, "sections", ()):
+        raise MixcliError(f"{proj.where}: method '{method.name}' has no routers to tune")
+    settings = read_settings(proj)
+    source = model or proj.output_path
+    if source is None or not Path(source).is_dir():
+        raise MixcliError(f"{proj.where}: the model {source} does not exist; run `mixcli merge {project}` first "
+                          "or pass --model")
+    target = out or (proj.file.parent / settings.output if settings.output else None) \
+        or Path(str(proj.output_path).rstrip("/") + "-tuned")
+    from mixcli.engine import check_target
+
+    check_target(Path(target).absolute(), force)
+    from ._train import train
+
+    result = train(Path(source), Path(target), settings, proj, force=force,
+                   progress=not no_progress and sys.stderr.isatty())
+    if result is not None:
+        click.echo(f"wrote {result['output']} (CE {result['before']['ce']:.4f} -> {result['after']['ce']:.4f}, "
+                   f"aux {result['before']['aux']:.4f} -> {result['after']['aux']:.4f})")
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) without it."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,0 +1,346 @@
+"""MoE mixing (mixcli-moe): upcycling, merging, router initialisation, attention experts,
+router tuning (one process and two gloo processes), on tiny seeded models through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+
+import tiny_models
+from conftest import write_project
+from mixcli import MixcliError
+from mixcli.cli import cli
+from mixcli.plugins import register_architectures
+from mixcli_moe._balance import balance_loss, reference_balance_loss
+from mixcli_moe.tune import tune_command
+
+cli.add_command(tune_command)  # what mixcli's main() does through the register_commands hook
+register_architectures()
+PROMPTS = {"ft1": ["12+34=", "5*5=7"], "ft2": ["abc:cba", "xyz:"], "ft3": ["hello world", "the end."]}
+
+
+def toml(value):
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [*map(str, args)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def fails(project, message):
+    result = CliRunner().invoke(cli, ["merge", str(project)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"Error: {message}", result.output
+    assert not (project.parent / "out").exists()
+
+
+def upcycle(tmp_path, model, **params):
+    lines = "\n".join(f"{k} = {toml(v)}" for k, v in params.items())
+    project = write_project(tmp_path, f'[models]\ndense = "{model}"\n[method]\nname = "moe_upcycle"\n{lines}\n'
+                                      '[output]\npath = "out"\n')
+    run("merge", project)
+    return tmp_path / "out"
+
+
+def merge_project(tmp_path, family, experts=("ft1", "ft2", "ft3"), prompts=True, tune="", **params):
+    models = [f'base = "{family["base"]}"']
+    for name in experts:
+        extra = f', positive_prompts = {json.dumps(PROMPTS[name])}' if prompts else ""
+        models.append(f'{name} = {{ path = "{family[name]}"{extra} }}')
+    lines = "\n".join(f"{k} = {toml(v)}" for k, v in params.items())
+    return write_project(tmp_path, "[models]\n" + "\n".join(models) + '\n[method]\nname = "moe_merge"\n'
+                         f'base = "base"\n{lines}\n[output]\npath = "out"\n{tune}')
+
+
+def generate(folder, ids=None):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tiny_models.tokenizer()("12+34=5", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    return out[0].tolist()
+
+
+# ---------------------------------------------------------------- upcycling: dense equivalence
+
+@pytest.mark.parametrize("arch, modules, experts, k", [
+    ("llama", ["mlp"], 4, 2), ("mistral", ["mlp"], 3, 3),
+    ("llama", ["mlp", "q_proj", "k_proj", "v_proj"], 4, 1), ("mistral", ["k_proj"], 2, 2)])
+def test_upcycled_model_reproduces_the_dense_model(tmp_path, llama_family, mistral_family, arch, modules,
+                                                   experts, k):
+    family = llama_family if arch == "llama" else mistral_family
+    out = upcycle(tmp_path, family["base"], num_experts=experts, experts_per_token=k, gate_mode="random",
+                  modules=modules)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == experts and config["num_experts_per_tok"] == k
+    assert config["sliding_window"] is None
+    assert config["architectures"] == (["MixtralForCausalLM"] if modules == ["mlp"] else ["MixLlamaForCausalLM"])
+    assert (tiny_models.logits(out) - tiny_models.logits(family["base"])).abs().max() <= 1e-4
+    assert generate(out) == generate(family["base"])
+    dense, moe = tiny_models.load_tensors(family["base"]), tiny_models.load_tensors(out)
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.o_proj.weight",
+                 "model.layers.2.input_layernorm.weight", "model.norm.weight"):
+        assert torch.equal(moe[name], dense[name])
+    assert all(torch.isfinite(t).all() for t in moe.values())
+
+
+def test_v4_layout_loads_in_transformers_5_and_matches(tmp_path, llama_family):
+    out = upcycle(tmp_path, llama_family["base"], num_experts=2, layout="v4", noise_scale=0.0)
+    names = tiny_models.load_tensors(out)
+    assert "model.layers.0.block_sparse_moe.experts.1.w3.weight" in names
+    assert "model.layers.0.block_sparse_moe.gate.weight" in names
+    assert (tiny_models.logits(out) - tiny_models.logits(llama_family["base"])).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------- merging: tensors placed exactly
+
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_merge_places_every_expert_and_copies_the_stem(tmp_path, llama_family, layout):
+    project = merge_project(tmp_path, llama_family, gate_mode="uniform_random", layout=layout, experts_per_token=1)
+    run("merge", project)
+    out = tiny_models.load_tensors(tmp_path / "out")
+    base = tiny_models.load_tensors(llama_family["base"])
+    sources = [tiny_models.load_tensors(llama_family[n]) for n in ("ft1", "ft2", "ft3")]
+    for layer in range(4):
+        for e, src in enumerate(sources):
+            gate, up, down = (src[f"model.layers.{layer}.mlp.{p}_proj.weight"] for p in ("gate", "up", "down"))
+            if layout == "v5":
+                fused = out[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e]
+                assert torch.equal(fused[:160], gate) and torch.equal(fused[160:], up)
+                assert torch.equal(out[f"model.layers.{layer}.mlp.experts.down_proj"][e], down)
+            else:
+                prefix = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+                assert torch.equal(out[prefix + "w1.weight"], gate) and torch.equal(out[prefix + "w3.weight"], up)
+                assert torch.equal(out[prefix + "w2.weight"], down)
+    for name, tensor in base.items():
+        if ".mlp." not in name:
+            assert torch.equal(out[name], tensor), name
+    info = json.loads((tmp_path / "out" / "moe_info.json").read_text())
+    counts = info["parameters"]
+    assert counts["total"] == counts["stem"] + counts["experts"] + counts["routers"]
+    assert counts["routers"] == 4 * 3 * 64 and counts["active"] == counts["stem"] + counts["routers"] + counts["experts"] // 3
+
+
+def test_block_routing_k1_picks_the_source_mlp(tmp_path, llama_family):
+    """k = 1: each token's MoE output is the MLP of the expert the router picks."""
+    project = merge_project(tmp_path, llama_family, gate_mode="random", experts_per_token=1)
+    run("merge", project)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    block = model.model.layers[1].mlp
+    h = torch.randn(7, 64)
+    chosen = (h @ block.gate.weight.T).argmax(-1)
+    with torch.no_grad():
+        y = block(h[None])[0]
+    for t in range(7):
+        src = tiny_models.load_tensors(llama_family[("ft1", "ft2", "ft3")[chosen[t]]])
+        g, u, d = (src[f"model.layers.1.mlp.{p}_proj.weight"] for p in ("gate", "up", "down"))
+        want = d @ (torch.nn.functional.silu(g @ h[t]) * (u @ h[t]))
+        assert torch.allclose(y[t], want, atol=1e-5)
+
+
+def test_stem_average_and_task_arithmetic(tmp_path, llama_family):
+    name = "model.layers.0.self_attn.o_proj.weight"
+    ft = [tiny_models.load_tensors(llama_family[n])[name] for n in ("ft1", "ft2", "ft3")]
+    base = tiny_models.load_tensors(llama_family["base"])[name]
+    run("merge", merge_project(tmp_path, llama_family, gate_mode="uniform_random", stem="average"))
+    assert torch.allclose(tiny_models.load_tensors(tmp_path / "out")[name], sum(ft) / 3, atol=1e-6)
+    (tmp_path / "ta").mkdir()
+    run("merge", merge_project(tmp_path / "ta", llama_family, gate_mode="uniform_random", stem="task_arithmetic",
+                               stem_params={"lambda": 0.5}))
+    want = base + 0.5 * sum(t - base for t in ft)
+    assert torch.allclose(tiny_models.load_tensors(tmp_path / "ta" / "out")[name], want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- router initialisation
+
+def test_random_and_uniform_routers_match_the_seeded_draws(tmp_path, llama_family):
+    out = upcycle(tmp_path, llama_family["base"], num_experts=4, gate_mode="random")
+    torch.manual_seed(0)
+    want = torch.randn(4, 4, 64)  # mergekit: manual_seed, then the first draw
+    routers = tiny_models.load_tensors(out)
+    for layer in range(4):
+        assert torch.equal(routers[f"model.layers.{layer}.mlp.gate.weight"], want[layer])
+    (tmp_path / "u").mkdir()
+    out = upcycle(tmp_path / "u", llama_family["base"], num_experts=4, gate_mode="uniform_random")
+    values = torch.stack([tiny_models.load_tensors(out)[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)])
+    assert values.abs().max() <= 64 ** -0.5 and values.std() > 0.05
+
+
+def _independent_prompt_states(folder, prompts, average, dtype):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    rows = []
+    for prompt in prompts:  # one prompt at a time: no padding at all
+        ids = torch.tensor([[1] + tiny_models.tokenizer()(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states[:4]
+        rows.append(torch.stack([s[0].float().mean(0) if average else s[0, -1].float() for s in states]))
+    return torch.stack(rows).mean(0)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "cheap_embed"])
+def test_prompt_routers_match_an_independent_computation(tmp_path, llama_family, mode):
+    negative = {"ft2": ["1+1="]}
+    project = merge_project(tmp_path, llama_family, gate_mode=mode, hidden_dtype="float32")
+    text = project.read_text().replace('positive_prompts = ["abc:cba", "xyz:"]',
+                                       'positive_prompts = ["abc:cba", "xyz:"], negative_prompts = ["1+1="]')
+    project.write_text(text)
+    run("merge", project)
+    out = tiny_models.load_tensors(tmp_path / "out")
+    embed = tiny_models.load_tensors(llama_family["base"])["model.embed_tokens.weight"]
+    for e, name in enumerate(("ft1", "ft2", "ft3")):
+        if mode == "cheap_embed":
+            def unit(prompts):
+                ids = [1 + 0 * i for i in range(0)]
+                total = torch.zeros(64)
+                for p in prompts:
+                    ids = [1] + tiny_models.tokenizer()(p, add_special_tokens=False)["input_ids"]
+                    total += embed[ids].sum(0)
+                return total / total.norm()
+            vector = unit(PROMPTS[name]) - (unit(negative[name]) if name in negative else 0)
+            want = (vector / vector.norm())[None].repeat(4, 1)
+        else:
+            vector = _independent_prompt_states(llama_family["base"], PROMPTS[name], mode == "hidden_avg", torch.float32)
+            if name in negative:
+                vector = vector - _independent_prompt_states(llama_family["base"], negative[name],
+                                                             mode == "hidden_avg", torch.float32)
+            want = vector / vector.norm(dim=-1, keepdim=True)
+        got = torch.stack([out[f"model.layers.{layer}.mlp.gate.weight"][e] for layer in range(4)])
+        assert torch.allclose(got, want, atol=1e-5), (mode, name, (got - want).abs().max())
+        assert torch.allclose(got.norm(dim=-1), torch.ones(4), atol=1e-5)
+
+
+# ---------------------------------------------------------------- attention-projection experts
+
+@pytest.mark.parametrize("proj", ["q_proj", "k_proj", "v_proj"])
+def test_each_attention_projection_is_mixed_and_used(tmp_path, llama_family, proj):
+    run("merge", merge_project(tmp_path, llama_family, gate_mode="hidden", modules=[proj], layers=[1, 2]))
+    out = tmp_path / "out"
+    tensors = tiny_models.load_tensors(out)
+    ft2 = tiny_models.load_tensors(llama_family["ft2"])
+    assert torch.equal(tensors[f"model.layers.1.self_attn.{proj}.experts.1.weight"], ft2[f"model.layers.1.self_attn.{proj}.weight"])
+    assert tensors[f"model.layers.2.self_attn.{proj}.router.weight"].shape == (3, 64)
+    assert f"model.layers.0.self_attn.{proj}.weight" in tensors  # layer 0 not mixed: dense
+    assert "model.layers.0.mlp.gate_proj.weight" in tensors  # MLP not mixed: dense
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mixcli_mixllama" and config["moe_layer_idx"] == [1, 2] and not config["moe_mlp"]
+    before = tiny_models.logits(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():  # change every expert of one projection: the output must change
+        for expert in getattr(model.model.layers[1].self_attn, proj).experts:
+            expert.weight.mul_(3.0)
+        ids = tiny_models.tokenizer()("12+34=", return_tensors="pt")
+        after = model(**ids).logits
+    assert (after - before).abs().max() > 1e-3
+    assert len(generate(out)) == 8 + 12
+
+
+# ---------------------------------------------------------------- router tuning
+
+TUNE = """
+[tune]
+data = "{data}"
+steps = 4
+batch_size = 4
+lr = 0.01
+eval_fraction = 0.2
+seed = 3
+"""
+
+
+def tune_data(folder: Path) -> Path:
+    rows = [{"prompt": p, "answer": a} for p, a in [("12+34=", "46"), ("abc:", "cba"), ("5*5=", "25"),
+            ("hello ", "world"), ("9-3=", "6"), ("xyz:", "zyx"), ("7+1=", "8"), ("dog:", "god"),
+            ("1+1=", "2"), ("cat:", "tac")]]
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, llama_family):
+    folder = tmp_path_factory.mktemp("tune")
+    project = merge_project(folder, llama_family, gate_mode="hidden", modules=["mlp", "q_proj"],
+                            tune=TUNE.format(data=tune_data(folder)))
+    run("merge", project)
+    run("tune", project, "--out", folder / "one")
+    return folder, project
+
+
+def test_tuning_changes_only_the_routers(tuned):
+    folder, _ = tuned
+    before, after = tiny_models.load_tensors(folder / "out"), tiny_models.load_tensors(folder / "one")
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {n for n in before if n.endswith((".mlp.gate.weight", ".router.weight"))}
+    log = json.loads((folder / "one" / "tune_log.json").read_text())
+    assert log["trainable_parameters"] == (4 + 4) * 3 * 64  # (MLP + q routers) * E * H
+    assert len(log["history"]) == 4 and log["before"]["load"]["mlp"][0]
+    assert (folder / "one" / "tune_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((folder / "one" / "config.json").read_text())["router_aux_loss_coef"] == 0.01
+    assert len(generate(folder / "one")) == 20
+
+
+def test_two_gloo_processes_match_one(tuned):
+    folder, project = tuned
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mixcli", "tune", str(project), "--out", str(folder / "two"), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tiny_models.load_tensors(folder / "one"), tiny_models.load_tensors(folder / "two")
+    routers = [n for n in one if n.endswith((".gate.weight", ".router.weight"))]
+    assert routers and all(torch.allclose(one[n], two[n], atol=1e-5) for n in routers)
+    assert not torch.equal(one[routers[0]], tiny_models.load_tensors(folder / "out")[routers[0]])
+    assert json.loads((folder / "two" / "tune_log.json").read_text())["world_size"] == 2
+
+
+def test_balance_loss_matches_transformers():
+    torch.manual_seed(0)
+    logits = [torch.randn(10, 4) for _ in range(3)]
+    mask = torch.ones(10)
+    assert torch.allclose(balance_loss(logits, mask, 2), reference_balance_loss(logits, 2), atol=1e-6)
+    assert float(balance_loss([torch.zeros(8, 4)], torch.ones(8), 2)) == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------- mistakes: one line, before any read
+
+def test_bad_inputs_give_one_line_errors(tmp_path, llama_family):
+    project = merge_project(tmp_path, llama_family, experts=("ft1", "ft2"), gate_mode="random", experts_per_token=3)
+    fails(project, "project.toml: [method]: experts_per_token (3) is larger than the number of experts (2)")
+    project = merge_project(tmp_path, llama_family, experts=("ft1", "ft2"), prompts=False)
+    fails(project, "project.toml: [models.ft1]: expert 'ft1' has no positive_prompts; gate_mode 'hidden' needs prompts for "
+                   "every expert (positive_prompts = [...] or prompts_file = \"...\")")
+    project = merge_project(tmp_path, llama_family, experts=("ft1",), gate_mode="random", modules=["mlp", "o_proj"])
+    fails(project, "project.toml: [method]: modules must be a non-empty subset of mlp, q_proj, k_proj, v_proj; "
+                   "'o_proj' is not one of them")
+    cfg = tiny_models.config("llama", 4)
+    cfg.hidden_size, cfg.intermediate_size = 32, 80
+    torch.manual_seed(9)
+    tiny_models.save(transformers.LlamaForCausalLM(cfg), tmp_path / "narrow")
+    project = merge_project(tmp_path, {**llama_family, "ft2": tmp_path / "narrow"}, experts=("ft1", "ft2"),
+                            gate_mode="random")
+    fails(project, "project.toml: [method]: experts of different shapes: 'lm_head.weight' is [52, 32] in 'ft2' "
+                   "and [52, 64] in the base 'base'; all models must share one architecture and size")
+
+
+def test_missing_plugin_is_named(tmp_path):
+    from mixcli.evaluation import check_architecture
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixcli_not_installed",
+                                                      "mixcli_plugin": "mixcli-moe"}))
+    with pytest.raises(MixcliError, match=r"install it \(pip install mixcli-moe\)"):
+        check_architecture(tmp_path)
+
+
+def test_importing_the_plugin_does_not_import_torch():
+    code = "import sys, mixcli_moe; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
