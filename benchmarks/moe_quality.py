@@ -25,10 +25,8 @@ from click.testing import CliRunner
 
 
 def cli():
-    from mixcli.cli import cli as group
-    from mixcli_moe.tune import tune_command
+    from mixcli.cli import cli as group  # plugin commands such as `tune` come with it
 
-    group.add_command(tune_command)
     return group
 
 

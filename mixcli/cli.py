@@ -14,7 +14,32 @@ from .errors import MixcliError
 
 
 class MixcliGroup(click.Group):
-    """Turns a MixcliError from any command, plugins' included, into one line and exit 1."""
+    """Adds the plugins' commands on first use, and turns a MixcliError from any command,
+    plugins' included, into one line and exit 1."""
+
+    _plugin_commands_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if self._plugin_commands_added:
+            return
+        self._plugin_commands_added = True
+        from .plugins import load_plugins, pm
+
+        load_plugins()
+        for impl in pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=self)
+            except Exception as error:  # a broken plugin must not take the CLI down
+                _console(stderr=True).print(f"[yellow]warning:[/] plugin {impl.plugin_name} could not add "
+                                            f"its commands: {error}", soft_wrap=True)
+
+    def list_commands(self, ctx):
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        self._add_plugin_commands()
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:
@@ -264,13 +289,4 @@ def init(method, out, force):
 
 
 def main() -> None:
-    from .plugins import load_plugins, pm
-
-    load_plugins()
-    for impl in pm.hook.register_commands.get_hookimpls():
-        try:
-            impl.function(cli=cli)
-        except Exception as error:  # a broken plugin must not take the CLI down
-            _console(stderr=True).print(f"[yellow]warning:[/] plugin {impl.plugin_name} could not add "
-                                        f"its commands: {error}", soft_wrap=True)
     cli(prog_name="mixcli")

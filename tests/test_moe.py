@@ -18,9 +18,7 @@ from mixcli import MixcliError
 from mixcli.cli import cli
 from mixcli.plugins import register_architectures
 from mixcli_moe._balance import balance_loss, reference_balance_loss
-from mixcli_moe.tune import tune_command
 
-cli.add_command(tune_command)  # what mixcli's main() does through the register_commands hook
 register_architectures()
 PROMPTS = {"ft1": ["12+34=", "5*5=7"], "ft2": ["abc:cba", "xyz:"], "ft3": ["hello world", "the end."]}
 

@@ -19,9 +19,7 @@ from safetensors.torch import load_file, save_file
 from conftest import write_project
 from mixcli.cli import cli
 from mixcli.plugins import register_architectures
-from mixcli_wemoe.command import add_commands
 
-add_commands(cli)  # what `mixcli` (main) does for every plugin's register_commands
 
 TASKS = 2
 
