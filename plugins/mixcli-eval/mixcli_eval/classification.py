@@ -3,8 +3,9 @@
 The setting of the task-arithmetic, TIES and WE-MoE papers: the backbone is merged, every
 task keeps the classification head of its expert. A task is a folder (usually the expert
 itself) holding ``head.safetensors`` (``weight`` [labels, hidden], ``bias``) and
-``task.json`` (``{"task": name, "data": test file relative to the folder}``); the data has a
-``pixel_values`` column (flat or nested lists) and a ``label`` column. Every model compared
+``task.json`` (``{"task": name, "data": file}`` or ``{"data": {"test": file, ...}}``, paths
+relative to the folder); the data has a ``pixel_values`` column (flat or shaped) and a
+``label`` (or ``labels``) column. Every model compared
 on a task, the base included, is read through that same head.
 """
 
@@ -52,10 +53,19 @@ def read_task(folder: Path, max_samples: int):
     info = json.loads((folder / "task.json").read_text())
     head = load_file(folder / "head.safetensors")
     where = f"classification: task '{info.get('task', folder.name)}'"
-    path = folder / info["data"]
+    data = info.get("data")
+    if isinstance(data, dict):
+        data = data.get("test")
+    if not isinstance(data, str):
+        raise MixcliError(f"{where}: {folder / 'task.json'} names no test data (\"data\": file or {{\"test\": file}})")
+    path = folder / data
     rows = load_rows(path, where, max_samples)
-    images = torch.tensor(column(rows, "pixel_values", where, path), dtype=torch.float32)
-    labels = torch.tensor(column(rows, "label", where, path), dtype=torch.long)
+    label = "label" if "label" in rows.column_names else "labels"
+    for name in ("pixel_values", label):
+        column(rows, name, where, path)  # a clear error for a missing column
+    batch = rows.with_format("torch")[:]
+    images = batch["pixel_values"].to(torch.float32)
+    labels = batch[label].to(torch.long)
     return info.get("task", folder.name), head["weight"], head["bias"], images, labels
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 from mixcli import MixcliError
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
-           ".arrow": "arrow"}
+           ".arrow": "arrow", ".safetensors": "safetensors"}
 
 
 def load_rows(path: Path, where: str, max_samples: int = 0):
-    """A `datasets.Dataset` from a json/jsonl/csv/parquet/text file or a save_to_disk folder."""
+    """A `datasets.Dataset` from a json/jsonl/csv/parquet/text file, a save_to_disk folder, or
+    a safetensors file whose tensors (equal first dimension) are the columns."""
     import datasets
 
     path = Path(path)
@@ -29,7 +30,12 @@ def load_rows(path: Path, where: str, max_samples: int = 0):
             if kind is None:
                 raise MixcliError(f"{where}: cannot read {path.name}; use one of "
                                   f"{', '.join(sorted(FORMATS))} or a save_to_disk folder")
-            data = datasets.load_dataset(kind, data_files=str(path), split="train")
+            if kind == "safetensors":
+                from safetensors.numpy import load_file
+
+                data = datasets.Dataset.from_dict(load_file(str(path)))
+            else:
+                data = datasets.load_dataset(kind, data_files=str(path), split="train")
     except MixcliError:
         raise
     except Exception as error:
