@@ -1,0 +1,95 @@
+"""Build (or reuse) the model zoo: ``build_zoo(root)`` trains what is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .training import read_json, set_threads, write_json
+
+FAMILIES = ("vision", "language")
+
+
+def _version(family: str) -> str:
+    if family == "vision":
+        from .vision import VERSION
+    else:
+        from .language import VERSION
+    return VERSION
+
+
+def build_zoo(root: Path, size: str = "full", seed: int = 0, families=FAMILIES, log=print) -> dict:
+    """Build the zoo under ``root`` and return ``{family: manifest}``.
+
+    A family is rebuilt only when ``root/<family>/manifest.json`` is missing or records a
+    different size, seed or code version; otherwise its manifest is returned as is. All
+    paths in manifests are relative to ``root``.
+    """
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', not {size!r}")
+    root = Path(root)
+    # full: 2 threads (the target machine's cores). tiny: 1 thread, since its 32-wide
+    # matrices gain nothing from intra-op threads and oversubscribed cores (tests running
+    # in parallel) make spinning OpenMP threads 5-20x slower. MIXCLI_ZOO_THREADS overrides
+    # (a different thread count may change low-order bits of the trained weights).
+    set_threads(int(os.environ.get("MIXCLI_ZOO_THREADS", 2 if size == "full" else 1)))
+    result = {}
+    for family in families:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}")
+        out = root / family
+        key = {"size": size, "seed": seed, "version": _version(family)}
+        mpath = out / "manifest.json"
+        if mpath.exists():
+            manifest = read_json(mpath)
+            if all(manifest.get(k) == v for k, v in key.items()):
+                log(f"{family}: cached ({size}, seed {seed})")
+                result[family] = manifest
+                continue
+        if out.exists():
+            shutil.rmtree(out)  # stale or partial: start clean so no old file survives
+        out.mkdir(parents=True)
+        log(f"{family}: building ({size}, seed {seed})")
+        t0 = time.time()
+        if family == "vision":
+            from .vision import build_vision as build
+        else:
+            from .language import build_language as build
+        manifest = build(out, size, seed, log=log)
+        manifest = _relative_to_root(manifest, family)
+        manifest.update(key)
+        manifest["build_seconds"] = round(time.time() - t0, 1)
+        write_json(mpath, manifest)  # written last: its presence marks a complete build
+        log(f"{family}: done in {time.time() - t0:.0f}s")
+        result[family] = manifest
+    return result
+
+
+def _relative_to_root(obj, family: str):
+    """Prefix the family folder to every path the family builder returned."""
+    if isinstance(obj, dict):
+        return {k: (f"{family}/{v}" if k in ("path", "base", "train", "test", "corpus") and isinstance(v, str)
+                    else _relative_to_root(v, family)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_to_root(v, family) for v in obj]
+    return obj
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="Build the mixcli model zoo.")
+    p.add_argument("root", type=Path)
+    p.add_argument("--size", default="full", choices=("full", "tiny"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--families", default=",".join(FAMILIES))
+    a = p.parse_args(argv)
+    m = build_zoo(a.root, a.size, a.seed, tuple(f for f in a.families.split(",") if f))
+    print(json.dumps({f: m[f].get("build_seconds") for f in m}))
+
+
+if __name__ == "__main__":
+    main()

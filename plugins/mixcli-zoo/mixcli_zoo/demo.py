@@ -1,0 +1,158 @@
+"""`mixcli demo`: build the zoo, run the demo projects, compare base, experts and merges.
+
+Demo projects are the TOML files in ``examples/demo``, named ``<family>-<label>.toml``
+(``vision-ties.toml``). They name zoo models by paths relative to themselves
+(``../../zoo/vision/base``), so each also runs on its own with ``mixcli merge`` once the
+zoo exists at ``zoo/``; the demo rewrites that prefix when the zoo lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+ZOO_PREFIX = "../../zoo/"
+
+
+def family_evaluation(family: str, manifest: dict, root: Path) -> tuple[str, dict, dict]:
+    """(evaluator, settings for all tasks, settings per task) used for every row of a family."""
+    experts = {e["task"]: root / e["path"] for e in manifest["experts"]}
+    if family == "vision":
+        return ("classification", {"tasks": [str(p) for p in experts.values()]},
+                {task: {"tasks": [str(p)]} for task, p in experts.items()})
+    files = {task: str(root / manifest["data"][task]["test"]) for task in experts}
+    return ("exact_match", {"tasks": files}, {task: {"tasks": {task: f}} for task, f in files.items()})
+
+
+def _run_cli(*args: str) -> None:
+    from click.testing import CliRunner
+
+    from mixcli.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    if result.exit_code != 0:
+        raise click.ClickException(f"mixcli {' '.join(args)} failed:\n{result.output.strip()}")
+
+
+def render(project: Path, root: Path, folder: Path) -> Path:
+    """A copy of a demo project whose zoo paths point at ``root``."""
+    text = project.read_text().replace(ZOO_PREFIX, root.resolve().as_posix() + "/")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / project.name
+    target.write_text(text)
+    return target
+
+
+def run_project(path: Path) -> Path:
+    """Merge (and tune, when the project has [tune]); return the folder to evaluate."""
+    from mixcli.core import load_project
+
+    _run_cli("merge", str(path), "--force", "--no-progress")
+    project, _ = load_project(path)
+    tune = project.sections.get("tune")
+    if tune is not None:
+        _run_cli("tune", str(path), "--force", "--no-progress")
+        output = tune.get("output")
+        return (path.parent / output) if output else Path(str(project.output_path) + "-tuned")
+    return project.output_path
+
+
+def find_examples(explicit: Path | None) -> Path:
+    candidates = [explicit] if explicit else [Path("examples/demo"), Path(__file__).resolve().parents[3] / "examples" / "demo"]
+    for folder in candidates:
+        if folder is not None and folder.is_dir():
+            return folder
+    raise click.ClickException("no examples/demo folder found; run from a mixcli checkout or pass --examples")
+
+
+def table(family: str, rows: dict[str, dict]):
+    from rich.table import Table
+
+    tasks = [k for k in next(iter(rows.values())) if k != "mean"]
+    metric = "accuracy" if family == "vision" else "exact match"
+    out = Table(title=f"{family}: {metric} per task")
+    out.add_column("model")
+    for task in tasks + ["mean"]:
+        out.add_column(task, justify="right")
+    for name, scores in rows.items():
+        out.add_row(name, *(f"{scores.get(t, float('nan')):.3f}" for t in tasks + ["mean"]))
+    return out
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (family, rows) in zip(axes[0], results.items()):
+        names = list(rows)
+        ax.barh(names[::-1], [rows[n]["mean"] for n in names[::-1]], color="#4c72b0")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{family}: mean {'accuracy' if family == 'vision' else 'exact match'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(folder: Path, evaluator: str, settings: dict) -> dict:
+    from mixcli.evaluation import run_evaluator
+    from mixcli.plugins import get_registry
+
+    return run_evaluator(get_registry().evaluators[evaluator], folder, dict(settings), f"demo: {evaluator}")
+
+
+@click.command("demo")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("zoo"), show_default=True,
+              help="Where the model zoo is built (and cached).")
+@click.option("--size", type=click.Choice(["full", "tiny"]), default="full", show_default=True)
+@click.option("--families", default="vision,language", show_default=True, help="Zoo families to run.")
+@click.option("--examples", type=click.Path(file_okay=False, path_type=Path), help="Folder of demo projects.")
+@click.option("--only", default="", help="Comma-separated demo project names to run (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(root, size, families, examples, only, seed):
+    """Build the model zoo, run the demo projects and compare base, experts and merges."""
+    from rich.console import Console
+
+    from .build import build_zoo
+
+    console = Console()
+    started = time.time()
+    chosen = tuple(f for f in families.split(",") if f)
+    manifests = build_zoo(root, size=size, seed=seed, families=chosen, log=console.print)
+    examples = find_examples(examples)
+    wanted = {name for name in only.split(",") if name}
+    results: dict[str, dict[str, dict]] = {}
+    for family, manifest in manifests.items():
+        evaluator, every_task, per_task = family_evaluation(family, manifest, root)
+        rows = {"base": evaluate(root / manifest["base"], evaluator, every_task)}
+        individual = {}
+        for expert in manifest["experts"]:
+            task = expert["task"]
+            individual[task] = evaluate(root / expert["path"], evaluator, per_task[task])[task]
+        individual["mean"] = sum(individual.values()) / len(individual)
+        rows["individual experts"] = individual
+        if manifest.get("mlp_experts"):
+            mlp = {e["task"]: evaluate(root / e["path"], evaluator, per_task[e["task"]])[e["task"]]
+                   for e in manifest["mlp_experts"]}
+            mlp["mean"] = sum(mlp.values()) / len(mlp)
+            rows["individual experts (MLP-only)"] = mlp
+        for project in sorted(examples.glob(f"{family}-*.toml")):
+            label = project.stem[len(family) + 1:]
+            if wanted and project.stem not in wanted:
+                continue
+            console.print(f"[bold]{project.stem}[/]")
+            folder = run_project(render(project, root, root / "demo" / "projects"))
+            rows[label] = evaluate(folder, evaluator, every_task)
+        results[family] = rows
+        console.print(table(family, rows))
+    out = root / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, out / "results.png")
+    console.print(f"results: {out / 'results.json'}, chart: {out / 'results.png'} "
+                  f"({time.time() - started:.0f} s)")

@@ -1,0 +1,85 @@
+"""Shared helpers: seeding, a tiny minibatch loop, safetensors I/O, manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def set_threads(n: int = 2) -> None:
+    # Same thread count every build keeps CPU reductions (and thus weights) reproducible.
+    torch.set_num_threads(n)
+
+
+def batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterable[torch.Tensor]:
+    """``steps`` index batches drawn epoch by epoch from a seeded permutation."""
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield perm[i : i + batch_size]
+            done += 1
+            if done >= steps:
+                return
+
+
+def train_loop(
+    params: list[torch.nn.Parameter],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    gen: torch.Generator,
+    weight_decay: float = 0.0,
+    warmup: int = 0,
+) -> float:
+    """AdamW with linear warmup and cosine decay; returns the last loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    import math
+
+    def lr_at(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(steps - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    last = float("nan")
+    for idx in batches(n, batch_size, steps, gen):
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        last = loss.item()
+    return last
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,242 @@
+"""Vision family: a tiny ViT on scikit-learn's 8x8 digits and task experts from it.
+
+Recipe:
+1. the base is pretrained on upright digits with light augmentation (+-1 px shifts,
+   mild noise);
+2. for every task a linear head is probed on the frozen base features;
+3. each expert fine-tunes the backbone against that head kept FROZEN (like CLIP's fixed
+   zero-shot heads) with patch/position embeddings frozen, so every row of a merge
+   table reads the same heads and the shared input geometry is not rewritten.
+The feature a head reads is the pooler output (dense+tanh over [CLS]).
+Known limit (see the zoo report): at this scale task vectors are not in the linear
+regime; experts beat the base, but task arithmetic does not beat simple averaging.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .training import seed_everything, train_loop, write_json
+
+VERSION = "vision-1"
+
+
+# ---------------------------------------------------------------- data and tasks
+def load_digits_split(seed: int, test_frac: float = 0.3):
+    """Digits as float images in [0, 1], shape [N, 1, 8, 8], with a seeded stratified split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in range(10):
+        idx = np.flatnonzero(d.target == c)
+        rng.shuffle(idx)
+        test_idx.extend(idx[: int(round(len(idx) * test_frac))])
+    mask = np.zeros(len(y), dtype=bool)
+    mask[test_idx] = True
+    tr, te = torch.tensor(~mask), torch.tensor(mask)
+    return (x[tr], y[tr]), (x[te], y[te])
+
+
+def _perm_fn(seed: int) -> Callable:
+    g = torch.Generator().manual_seed(1000 + seed)
+    perm = torch.randperm(64, generator=g)
+    return lambda x: x.flatten(1)[:, perm].view_as(x)
+
+
+def _noise_fn(seed: int, std: float) -> Callable:
+    def f(x, split="test"):
+        # fixed noise per split so test sets are stable files
+        g = torch.Generator().manual_seed(2000 + seed + (0 if split == "train" else 1))
+        return (x + std * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+    return f
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    num_labels: int
+    transform: Callable  # images -> images
+    relabel: Callable = lambda y: y
+    split_aware: bool = False  # transform takes split= (random noise)
+
+
+def make_tasks(seed: int, names=None) -> dict[str, Task]:
+    tasks = [
+        Task("rot90", 10, lambda x: torch.rot90(x, 1, (2, 3))),
+        Task("flip_lr", 10, lambda x: torch.flip(x, (3,))),
+        Task("invert", 10, lambda x: 1.0 - x),
+        Task("rot180_mod3", 3, lambda x: torch.rot90(x, 2, (2, 3)), lambda y: y % 3),
+        Task("transpose_parity", 2, lambda x: x.transpose(2, 3), lambda y: y % 2),
+        Task("permute", 10, _perm_fn(seed)),
+        Task("noise", 10, _noise_fn(seed, 0.6), split_aware=True),
+        Task("rot270", 10, lambda x: torch.rot90(x, 3, (2, 3))),
+        Task("flip_ud", 10, lambda x: torch.flip(x, (2,))),
+    ]
+    out = {t.name: t for t in tasks}
+    if names is not None:
+        out = {n: out[n] for n in names}
+    return out
+
+
+def apply_task(task: Task, x, y, split: str):
+    xt = task.transform(x, split=split) if task.split_aware else task.transform(x)
+    return xt.contiguous(), task.relabel(y)
+
+
+def pretrain_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random +-1 pixel shifts and mild noise: general features without the task transforms."""
+    n = x.shape[0]
+    out = torch.empty_like(x)
+    shifts = torch.randint(-1, 2, (n, 2), generator=gen)
+    for s0 in (-1, 0, 1):
+        for s1 in (-1, 0, 1):
+            m = (shifts[:, 0] == s0) & (shifts[:, 1] == s1)
+            if m.any():
+                out[m] = torch.roll(x[m], (s0, s1), (2, 3))
+    out = out + 0.1 * torch.randn(out.shape, generator=gen)
+    return out.clamp(0, 1)
+
+
+# ---------------------------------------------------------------- model
+TASKS = ("rot90", "flip_lr", "invert", "rot180_mod3", "transpose_parity", "permute")
+SIZES = {
+    # freeze: parameter-name prefixes kept fixed while fine-tuning experts (embeddings
+    # hold the patch/position geometry every task shares; changing them wrecks merges)
+    "full": dict(hidden=64, layers=4, heads=4, mlp=256, batch=128, pre_steps=800, pre_lr=2e-3,
+                 probe_steps=300, ft_steps=150, ft_batch=64, ft_lr=3e-4,
+                 freeze=("embeddings.",), tasks=TASKS),
+    # tiny only has to show experts beating the base, so experts train harder there
+    "tiny": dict(hidden=32, layers=2, heads=2, mlp=64, batch=128, pre_steps=250, pre_lr=5e-3,
+                 probe_steps=80, ft_steps=100, ft_batch=64, ft_lr=2e-3,
+                 freeze=(), train_head=True, tasks=TASKS),
+}
+
+
+def make_config(hp: dict):
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        image_size=8, patch_size=2, num_channels=1,
+        hidden_size=hp["hidden"], num_hidden_layers=hp["layers"],
+        num_attention_heads=hp["heads"], intermediate_size=hp["mlp"],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        qkv_bias=True,
+    )
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=x).pooler_output
+
+
+
+
+# ---------------------------------------------------------------- build
+def _save_tensors(path: Path, **tensors) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _save_member(folder: Path, model, head_w, head_b, task: str, num_labels: int, data_rel: dict):
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    _save_tensors(folder / "head.safetensors", weight=head_w.detach().clone(), bias=head_b.detach().clone())
+    # data paths are relative to the folder holding task.json
+    write_json(folder / "task.json", {
+        "task": task, "num_labels": num_labels, "feature": "pooler_output", "data": data_rel,
+    })
+
+
+def build_vision(out: Path, size: str, seed: int, log=print) -> dict:
+    """Train and write the vision family under ``out``; return its manifest."""
+    from transformers import ViTModel
+
+    hp = SIZES[size]
+    t_start = time.time()
+    gen = seed_everything(seed)
+    (xtr, ytr), (xte, yte) = load_digits_split(seed)
+    tasks = make_tasks(seed, hp["tasks"])
+
+    # data files: one per task and split, plus the base's own (plain digits)
+    data = {}
+    for name, task in [("digits", None)] + list(tasks.items()):
+        files = {}
+        for split, (x, y) in (("train", (xtr, ytr)), ("test", (xte, yte))):
+            xs, ys = (x, y) if task is None else apply_task(task, x, y, split)
+            rel = f"data/{name}/{split}.safetensors"
+            _save_tensors(out / rel, pixel_values=xs, labels=ys)
+            files[split] = (xs, ys, rel)
+        data[name] = files
+
+    def rel_from(folder: str, name: str) -> dict:
+        up = "../" * (folder.count("/") + 1)  # from the member folder back to the family root
+        return {s: up + data[name][s][2] for s in ("train", "test")}
+
+    # 1. base
+    model = ViTModel(make_config(hp))
+    model.config._attn_implementation = "eager"  # faster than sdpa at this size on CPU
+    head = torch.nn.Linear(hp["hidden"], 10)
+    params = list(model.parameters()) + list(head.parameters())
+    model.train()
+
+    def pre_loss(idx):
+        return F.cross_entropy(head(features(model, pretrain_augment(xtr[idx], gen))), ytr[idx])
+
+    train_loop(params, pre_loss, len(ytr), steps=hp["pre_steps"], batch_size=hp["batch"],
+               lr=hp["pre_lr"], gen=gen, weight_decay=0.05, warmup=min(50, hp["pre_steps"] // 5))
+    model.eval()
+    _save_member(out / "base", model, head.weight, head.bias, "digits", 10, rel_from("base", "digits"))
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    log(f"  vision base trained ({time.time() - t_start:.0f}s)")
+
+    experts = {}
+    for name, task in tasks.items():
+        xtr_t, ytr_t, _ = data[name]["train"]
+        model.load_state_dict(base_sd)
+        # 2. head: linear probe on frozen base features
+        h = torch.nn.Linear(hp["hidden"], task.num_labels)
+        if hp["probe_steps"]:
+            model.eval()
+            with torch.no_grad():
+                f_tr = features(model, xtr_t)
+            train_loop(list(h.parameters()), lambda idx: F.cross_entropy(h(f_tr[idx]), ytr_t[idx]),
+                       len(ytr_t), steps=hp["probe_steps"], batch_size=hp["batch"], lr=1e-2, gen=gen)
+        # 3. fine-tune the backbone against the frozen head (tiny: head trains too, since a
+        # 2-layer 32-wide base has too little signal for a fixed probe head to steer)
+        h.requires_grad_(hp.get("train_head", False))
+        trainable = [p for n, p in model.named_parameters() if not n.startswith(hp["freeze"])]
+        trainable += [p for p in h.parameters() if p.requires_grad]
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith(hp["freeze"]))
+        model.train()
+        train_loop(trainable, lambda idx: F.cross_entropy(h(features(model, xtr_t[idx])), ytr_t[idx]),
+                   len(ytr_t), steps=hp["ft_steps"], batch_size=hp["ft_batch"], lr=hp["ft_lr"], gen=gen, warmup=10)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        folder = f"experts/{name}"
+        _save_member(out / folder, model, h.weight, h.bias, name, task.num_labels, rel_from(folder, name))
+        experts[name] = folder
+    log(f"  vision experts trained ({time.time() - t_start:.0f}s)")
+
+    return {
+        "family": "vision",
+        "architecture": "ViTModel",
+        "feature": "pooler_output",
+        "base": "base",
+        "experts": [{"task": n, "path": p, "num_labels": tasks[n].num_labels} for n, p in experts.items()],
+        "data": {n: {s: data[n][s][2] for s in ("train", "test")} for n in data},
+        "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()},
+    }
