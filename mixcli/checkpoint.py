@@ -91,7 +91,8 @@ def open_safetensors(folder: Path, where: str) -> dict[str, TensorInfo]:
                                   "stored there; the index and shards disagree")
             tensors[name] = info
         return tensors
-    shards = sorted(folder.glob("*.safetensors"))
+    # other safetensors files beside the weights (heads, data) are not part of the model
+    shards = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     tensors = {}
     for shard in shards:
         for name, info in SafetensorsFile(shard).tensors.items():
