@@ -74,7 +74,7 @@ def _gb(nbytes: int) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (overrides [output] path).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--dry-run", is_flag=True, help="Check everything and print the plan; write nothing.")
-@click.option("--workers", type=click.IntRange(1, 64), help="Tensors merged at once (default: cores, at most 4).")
+@click.option("--workers", type=click.IntRange(1, 64), help="Tensors merged at once (default: cores + 1, at most 8).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def merge(project, out, force, dry_run, workers, no_progress):
     """Merge the models of PROJECT into one model."""

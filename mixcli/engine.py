@@ -39,7 +39,8 @@ def _check_space(folder: Path, needed: int, target: Path) -> None:
 
 
 def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    # one more thread than cores: while one waits on a page fault or a write, the others compute
+    return max(2, min(8, (os.cpu_count() or 1) + 1))
 
 
 MEMORY_BUDGET = 640 * 2**20  # working memory shared by the tensors in flight

@@ -533,3 +533,15 @@ def test_passthrough():  # item 27
 
 def test_hookimpl_is_marked():
     assert hasattr(mixcli_merge.register_merge_methods, "mixcli_impl")
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_dare_streams_the_same_mask_as_the_eager_sparsifier(rescale):
+    # over several chunks: the lazy mask is regenerated, never stored, and must match
+    base = rand(700, 1000, seed=21)
+    x = base + rand(700, 1000, seed=22, scale=0.1)
+    out = dare_linear.dare_linear([x], base, weight=[1.0], density=0.4, seed=5, rescale=rescale)
+    from mixcli.seeding import generator
+    eager = sparsify.bernoulli(x - base, 0.4, generator(5, 0), rescale)
+    assert torch.allclose(out, base + eager, rtol=1e-6, atol=1e-6)  # base + delta rounding
+    assert int(((out - base) != 0).sum()) == int((eager != 0).sum())

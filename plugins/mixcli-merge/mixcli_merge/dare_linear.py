@@ -23,7 +23,7 @@ def dare_linear(tensors, base, *, weight, seed, density=1.0, lambda_=1.0, normal
     densities = per_model(density, len(tensors), "density")
     return merge_task_vectors(
         tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False,
-        sparsify=lambda i, d: sparsify.bernoulli(d, densities[i], generator(seed, i), rescale))
+        select=lambda i, source: sparsify.bernoulli_selection(source, densities[i], generator(seed, i), rescale))
 
 
 METHOD = MergeMethod(

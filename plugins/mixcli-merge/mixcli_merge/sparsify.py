@@ -244,6 +244,57 @@ def bernoulli(delta, density: float, generator, rescale: bool = False):
     return delta
 
 
+class BernoulliSelection:
+    """Lazy DARE pruning: the mask of :func:`bernoulli`, applied chunk by chunk.
+
+    Without ``rescale`` the uniforms are drawn as :meth:`apply` is called for chunks
+    ``0, 1, 2, ...`` in order. With ``rescale`` a first pass draws the masks, keeps them
+    packed (one bit per entry) and measures the L1 norms before and after masking (summed
+    per chunk in float32, rounded to the working dtype). The task vector is never stored.
+    """
+
+    def __init__(self, source: Source, density: float, generator, rescale: bool):
+        self.p = _keep_probability(density, source.dtype)
+        self.generator = generator
+        self.ratio = None
+        self.packed: list | None = None
+        if rescale:
+            import numpy as np
+
+            self.packed = []
+            before = after = 0.0
+            for a, b in chunks(source.n):
+                part = source.chunk(a, b)
+                mask = torch.rand(b - a, generator=generator) < self.p
+                self.packed.append(np.packbits(mask.numpy()))
+                before += float(part.abs().sum(dtype=torch.float32))
+                after += float(part.mul_(mask).abs().sum(dtype=torch.float32))
+            work = torch.float32 if source.dtype == torch.float16 else source.dtype
+            before_t, after_t = torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
+            if before_t >= RESCALE_EPS and after_t >= RESCALE_EPS:
+                self.ratio = (before_t / after_t).to(source.dtype)
+
+    def apply(self, c: int, part):
+        if self.packed is None:
+            mask = torch.rand(part.numel(), generator=self.generator) < self.p
+        else:
+            import numpy as np
+
+            bits = np.unpackbits(self.packed[c], count=part.numel())
+            mask = torch.from_numpy(bits.view(np.bool_))
+        part.mul_(mask)
+        if self.ratio is not None:
+            part.mul_(self.ratio)
+        return part
+
+
+def bernoulli_selection(source: Source, density: float, generator, rescale: bool = False):
+    """A :class:`BernoulliSelection`, or ``None`` when nothing is pruned."""
+    if density >= 1:
+        return None
+    return BernoulliSelection(source, density, generator, rescale)
+
+
 def della(delta, density: float, epsilon: float, generator, rescale: bool = False):
     """DELLA MagPrune: per row, keep entry of rank r in [0, 1] with probability ``d - eps + 2 eps r``.
 
