@@ -45,6 +45,9 @@ def run_evaluator(evaluator, model_path: Path, settings: dict, where: str, model
 
     register_architectures()
     check_architecture(Path(model_path))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-model "Loading weights" bars drown the results table
     context = EvalContext(Path(model_path), resolve_params(evaluator, dict(settings), where),
                           dict(models or {}), Path(base_dir), device)
     metrics = evaluator.evaluate(context)

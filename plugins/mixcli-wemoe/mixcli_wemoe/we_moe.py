@@ -2,8 +2,8 @@
 
     [models]
     base = "zoo/vision/base"          # the pretrained backbone
-    rot90 = "zoo/vision/rot90"        # fine-tuned experts (task folders with head + data for [adapt])
-    flip = "zoo/vision/flip_lr"
+    occlude_top = "zoo/vision/occlude_top"        # fine-tuned experts (task folders with head + data for [adapt])
+    occlude_bottom = "zoo/vision/occlude_bottom"
 
     [method]
     name = "we_moe"

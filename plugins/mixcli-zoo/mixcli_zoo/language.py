@@ -1,11 +1,14 @@
 """Language family: a tiny character-level Llama and algorithmic-task experts.
 
 The base is pretrained (full-sequence LM loss) on a mixture of algorithmic tasks in
-which the expert tasks appear only with SHORT inputs (1-3 letters, 1-digit sums), next
-to tasks it keeps (copy, length). Experts fine-tune (answer-only loss) on longer inputs
-of one task (4-6 letters, 2-digit + 2-digit sums), which the base gets wrong, so each
-task vector refines a format the base already knows. Two kinds of experts: all
-parameters, and MLP-only (parameters whose name contains "mlp.").
+which the expert tasks appear mostly with SHORT inputs (1-3 letters, 1-digit sums), and
+only a fraction ``p_long`` of the time with the long inputs (4-6 letters, 2-digit +
+2-digit sums), next to tasks it keeps (copy, length). Experts fine-tune (answer-only
+loss, small learning rate) on long inputs of one task, which the base gets mostly wrong,
+so each task vector sharpens a skill the base half knows -- the regime in which merges
+land between the base and the experts (with ``p_long = 0`` every merge stayed at the
+base's level). Two kinds of experts: all parameters, and MLP-only (parameters whose name
+contains "mlp.").
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from .tokenizer import build_char_tokenizer
 from .training import seed_everything, train_loop
 
-VERSION = "language-1"
+VERSION = "language-2"
 LETTERS = "abcdefghij"
 ALPHABET = LETTERS + "0123456789" + ":=+ .\n"
 EXPERT_TASKS = ("rev", "sort", "add", "shift")
@@ -77,22 +80,23 @@ def make_task_split(task: str, n_train: int, n_test: int, seed: int) -> tuple[li
     return train, test
 
 
-def make_pretrain(n: int, seed: int, exclude: set) -> list[dict]:
+def make_pretrain(n: int, seed: int, exclude: set, p_long: float = 0.0) -> list[dict]:
     rng = random.Random(f"{seed}-pretrain")
     out = []
     while len(out) < n:
-        ex = make_example(rng.choice(PRETRAIN_MIX), rng, long=False)
+        task = rng.choice(PRETRAIN_MIX)
+        ex = make_example(task, rng, long=task in EXPERT_TASKS and rng.random() < p_long)
         if ex["prompt"] not in exclude:
             out.append(ex)
     return out
 
 
 SIZES = {
-    "full": dict(hidden=96, layers=2, heads=4, mlp=256, pre_steps=1000, pre_lr=3e-3,
-                 ft_steps=120, ft_lr=1e-3, mlp_lr_mult=2.0, batch=64,
+    "full": dict(hidden=96, layers=2, heads=4, mlp=256, pre_steps=1000, pre_lr=3e-3, p_long=0.1,
+                 ft_steps=300, ft_lr=1e-4, mlp_lr_mult=2.0, batch=64,
                  n_pre=20000, n_train=2000, n_test=200),
     "tiny": dict(hidden=64, layers=1, heads=2, mlp=128, pre_steps=150, pre_lr=5e-3,
-                 ft_steps=60, ft_lr=5e-3, mlp_lr_mult=3.0, batch=64,
+                 ft_steps=60, ft_lr=5e-3, mlp_lr_mult=3.0, batch=64, p_long=0.0,
                  n_pre=3000, n_train=500, n_test=50),
 }
 
@@ -191,7 +195,7 @@ def build_language(out: Path, size: str, seed: int, log=print) -> dict:
             data[task][split] = rel
     held_out = {json.loads(line)["prompt"] for t in EXPERT_TASKS
                 for line in (out / data[t]["test"]).read_text().splitlines()}
-    pre = make_pretrain(hp["n_pre"], seed, held_out)
+    pre = make_pretrain(hp["n_pre"], seed, held_out, hp["p_long"])
     write_jsonl(out / "data/pretrain/train.jsonl", pre)
     (out / "data/corpus.txt").write_text("\n".join(corpus_lines(200, seed)) + "\n")
 
