@@ -68,6 +68,7 @@ def merged_backbone(text: str, folder: Path):
     from mixcli import engine
     from mixcli.core import prepare
 
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "m.toml"
     path.write_text(text + '\n[output]\npath = "merged"\n')
     prepared = prepare(path)
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
     ap.add_argument("--size", default="full")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--init-lambda", type=float, default=0.5, help="λ of task arithmetic and of the routers' start")
     args = ap.parse_args(argv)
     register_architectures()
     manifest = build_zoo(args.zoo, size=args.size, families=("vision",))["vision"]
@@ -93,15 +95,17 @@ def main(argv=None) -> None:
     rows: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix="wemoe-bench-"))
     tta = f"max_steps = {args.steps}\nlr = 1e-3"
-    model, _ = build(project_text(zoo, manifest, "we_moe", ""), tmp, dev, False)
+    lam = args.init_lambda
+    init = f"init_lambda = {lam}"
+    model, _ = build(project_text(zoo, manifest, "we_moe", init), tmp, dev, False)
     tasks = load_tasks(model, {e["task"]: zoo / e["path"] for e in manifest["experts"]}, settings({}, "x"), "x")
     for e in manifest["experts"]:
         expert = transformers.AutoModel.from_pretrained(zoo / e["path"]).eval()
         rows.setdefault("individual", {})[e["task"]] = accuracy_table(Plain(expert), [t for t in tasks if t.name == e["task"]], dev)[e["task"]]
-    rows["WE-MoE (init = TA 0.3)"] = accuracy_table(model, tasks, dev)
+    rows[f"WE-MoE (init = TA {lam})"] = accuracy_table(model, tasks, dev)
     rows["oracle routing bound"] = oracle_accuracy(model, tasks, dev)
     for name, text in {
-        "task arithmetic (0.3)": project_text(zoo, manifest, "task_arithmetic", "lambda = 0.3").replace('base = "base"\n', 'base = "base"\n'),
+        f"task arithmetic ({lam})": project_text(zoo, manifest, "task_arithmetic", f"lambda = {lam}"),
         "TIES (density 0.2, λ 1)": project_text(zoo, manifest, "ties", "density = 0.2\nlambda = 1.0"),
     }.items():
         try:
@@ -109,14 +113,14 @@ def main(argv=None) -> None:
         except Exception as error:  # the merge plugin's parameter names may differ
             print(f"{name}: skipped ({error})", file=sys.stderr)
     for name, method, params, extra in [
-        ("WE-MoE + TTA (entropy)", "we_moe", "", ""),
-        ("WE-MoE + TTA (entropy + task-stream term)", "we_moe", "", "task_id_weight = 1.0"),
-        ("sparse WE-MoE 90% + TTA (+ task-stream)", "sparse_we_moe", "tv_prune_ratio = 0.9", "task_id_weight = 1.0"),
-        ("rank-one MoE (k 8) + TTA (+ task-stream)", "rank_one_moe", "rank_k = 8", "task_id_weight = 1.0"),
+        ("WE-MoE + TTA (entropy)", "we_moe", init, ""),
+        ("WE-MoE + TTA (entropy + task-stream term)", "we_moe", init, "task_id_weight = 1.0"),
+        ("sparse WE-MoE 90% + TTA (+ task-stream)", "sparse_we_moe", f"tv_prune_ratio = 0.9\n{init}", "task_id_weight = 1.0"),
+        ("rank-one MoE (k 8) + TTA (+ task-stream)", "rank_one_moe", f"rank_k = 8\n{init}", "task_id_weight = 1.0"),
     ]:
         m, record = build(project_text(zoo, manifest, method, params, tta + "\n" + extra), tmp, dev, True)
         rows[name] = record["accuracy"]
-    pwe, record = build(project_text(zoo, manifest, "pwe_moe", "", tta.replace("1e-3", "1e-2") + "\neval_grid_m = 2"),
+    pwe, record = build(project_text(zoo, manifest, "pwe_moe", init, tta.replace("1e-3", "1e-2") + "\neval_grid_m = 2"),
                         tmp, dev, True)
     for row in record["front"]:
         best = row["preference"].index(max(row["preference"]))
