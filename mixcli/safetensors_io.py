@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import sys
 import os
 import struct
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER = 100 * 1024 * 1024
 PAGE = mmap.PAGESIZE
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else 0)
 
 
 def torch_dtype(code: str):
@@ -129,8 +131,20 @@ class SafetensorsFile:
         count = prod(info.shape)
         if count == 0:
             return torch.empty(info.shape, dtype=dtype)
+        self._populate(info)
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
         return flat.view(dtype).view(info.shape)
+
+    def _populate(self, info: TensorInfo) -> None:
+        """Map a tensor's pages in one call (MADV_POPULATE_READ, Linux 5.14+) rather than one
+        page fault per 64 KiB: a third of a merge's time went to faults otherwise."""
+        if not _POPULATE_READ or not hasattr(self._map, "madvise"):
+            return
+        start = info.begin - info.begin % PAGE
+        try:
+            self._map.madvise(_POPULATE_READ, start, min(len(self._map), info.end) - start)
+        except OSError:  # older kernels: fall back to page faults
+            pass
 
     def release(self, info: TensorInfo) -> None:
         """Drop the pages of a tensor from this process's memory once it has been used."""
