@@ -5,22 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixcli import MixcliError
-
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+from mixcli.datafiles import load_rows
 
 
 def read_file(path: Path, field: str, limit: int, where: str) -> list[str]:
-    """Column ``field`` of a local .jsonl/.json/.csv/.parquet file (a .txt file: one prompt a line)."""
-    if not path.is_file():
-        raise MixcliError(f"{where}: prompts file {path} does not exist")
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise MixcliError(f"{where}: prompts file {path} must end in {', '.join(FORMATS)}")
-    import datasets
-
-    datasets.disable_progress_bars()
-    data = datasets.load_dataset(kind, data_files=str(path), split="train")
-    column = "text" if kind == "text" else field
+    """Column ``field`` of a data set file (see :func:`mixcli.datafiles.load_rows`; a .txt file: one
+    prompt a line)."""
+    data = load_rows(path, where, what="prompts file")
+    column = "text" if path.suffix.lower() == ".txt" else field
     if column not in data.column_names:
         raise MixcliError(f"{where}: {path} has no column '{column}' (columns: {', '.join(data.column_names)}); "
                           "set prompt_field")

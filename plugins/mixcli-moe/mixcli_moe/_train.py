@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from mixcli import MixcliError
+from mixcli.datafiles import load_rows
 
 from ._balance import RouterCapture, balance_loss, is_router, load_fractions
-from ._prompts import FORMATS
 from .tune import world
 
 
@@ -28,15 +28,7 @@ def _read(file: str, settings, project_dir: Path, eos: str) -> list[str]:
     path = Path(file).expanduser()
     path = path if path.is_absolute() else project_dir / path
     where = "[tune] data"
-    if not path.is_file():
-        raise MixcliError(f"{where}: {path} does not exist")
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise MixcliError(f"{where}: {path} must end in {', '.join(FORMATS)}")
-    import datasets
-
-    datasets.disable_progress_bars()
-    data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    data = load_rows(path, where)
     columns = data.column_names
     if settings.text_field in columns:
         return [str(t) + eos for t in data[settings.text_field]]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixcli import MixcliError
+from mixcli.datafiles import load_rows
 
-FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 @dataclass
@@ -71,24 +71,7 @@ def _columns(path: Path, where: str) -> dict:
         from safetensors.torch import load_file
 
         return dict(load_file(str(path)))
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        if path.is_dir():
-            data = datasets.load_from_disk(str(path))
-            if isinstance(data, datasets.DatasetDict):
-                data = data["test" if "test" in data else next(iter(data))]
-        else:
-            kind = FORMATS.get(path.suffix.lower())
-            if kind is None:
-                raise MixcliError(f"{where}: cannot read {path.name}; use safetensors, "
-                                  f"{', '.join(sorted(FORMATS))} or a save_to_disk folder")
-            data = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except MixcliError:
-        raise
-    except Exception as error:
-        raise MixcliError(f"{where}: cannot read {path} ({str(error).splitlines()[0]})") from None
+    data = load_rows(path, where)
     out = {}
     for column in ("pixel_values", "input_ids", "attention_mask", "label", "labels"):
         if column in data.column_names:
