@@ -120,6 +120,21 @@ def world():
     return 0, 1
 
 
+def router_optimizer(model, device, lr: float, seed: int):
+    """Seed torch, move ``model`` to ``device`` in eval mode (no dropout; gradients still reach
+    the routers), freeze everything but the routers; return them and an Adam over them."""
+    import torch
+
+    torch.manual_seed(seed)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.router_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    return params, torch.optim.Adam(params, lr=lr)
+
+
 def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = False) -> dict:
     """Entropy minimisation of the routers, in place; returns the loss history."""
     import torch
@@ -133,14 +148,7 @@ def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = F
         raise MixcliError(f"[adapt] batch_size {opts['batch_size']} is not divisible by the {size} processes")
     share = opts["batch_size"] // size
     names = list(model.config.expert_names)
-    torch.manual_seed(seed)
-    model.to(device).eval()  # no dropout; gradients still reach the routers
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.router_parameters()
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=opts["lr"])
+    params, opt = router_optimizer(model, device, opts["lr"], seed)
     streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
     old_reduce = model.routing.batch_reduce
     model.set_batch_reduce(opts["batch_reduce"])

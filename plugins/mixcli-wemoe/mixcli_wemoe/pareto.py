@@ -68,7 +68,7 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
     import torch
     import torch.nn.functional as F
 
-    from .adapt import Stream, _progress, world
+    from .adapt import Stream, _progress, router_optimizer, world
     from .diagnostics import accuracy
     from .tasks import logits
 
@@ -82,14 +82,7 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
 
             raise MixcliError(f"{where}: task '{task.name}' has no labels in {task.data_path}; pwe_moe trains on "
                               "labeled data")
-    torch.manual_seed(seed)
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.router_parameters()
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=opts["lr"])
+    params, opt = router_optimizer(model, device, opts["lr"], seed)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
     dirichlet = torch.distributions.Dirichlet(torch.full((n,), float(opts["alpha"])))
