@@ -1,6 +1,6 @@
 """Sparsifiers for task vectors (mergekit 0.1.5 semantics, spec §3.4.3-§3.4.4).
 
-Eager sparsifiers (``magnitude``, ``magnitude_outliers``, ``bernoulli``, ``della``) take a
+Eager sparsifiers (``magnitude``, ``magnitude_outliers``, ``della``) take a
 freshly computed task vector ``delta`` that they may overwrite and return the sparsified
 tensor. Magnitude selections can also be lazy (``magnitude_selection``,
 ``outlier_selection``): a :class:`Selection` applied chunk by chunk while merging, so task
@@ -226,26 +226,9 @@ def _keep_probability(density: float, dtype) -> float:
     return float(torch.tensor(density, dtype=work))
 
 
-def bernoulli(delta, density: float, generator, rescale: bool = False):
-    """DARE: keep each entry independently with probability ``density`` (bf16-rounded for bf16).
-
-    Uniforms are drawn in float32 chunk by chunk from ``generator`` and compared with the
-    rounded density, so the keep probability is exactly that value.
-    """
-    if density >= 1:
-        return delta
-    p = _keep_probability(density, delta.dtype)
-    before = _l1(delta) if rescale else None
-    flat = delta.view(-1)
-    for a, b in chunks(flat.numel()):
-        flat[a:b].mul_(torch.rand(b - a, generator=generator) < p)
-    if rescale:
-        _rescale(delta, before)
-    return delta
-
-
 class BernoulliSelection:
-    """Lazy DARE pruning: the mask of :func:`bernoulli`, applied chunk by chunk.
+    """Lazy DARE pruning: keep each entry independently with probability ``density``
+    (bf16-rounded for bf16), float32 uniforms drawn chunk by chunk from ``generator``.
 
     Without ``rescale`` the uniforms are drawn as :meth:`apply` is called for chunks
     ``0, 1, 2, ...`` in order. With ``rescale`` a first pass draws the masks, keeps them
