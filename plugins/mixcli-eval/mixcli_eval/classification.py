@@ -48,7 +48,7 @@ def read_task(folder: Path, max_samples: int):
     import torch
     from safetensors.torch import load_file
 
-    from mixcli_eval.data import column, load_rows
+    from mixcli.datafiles import column, load_rows
 
     info = json.loads((folder / "task.json").read_text())
     head = load_file(folder / "head.safetensors")

@@ -1,11 +1,9 @@
-"""Reading evaluation data from local files with `datasets`."""
+"""Loading a causal LM and its tokenizer for the language evaluators (data files are read by
+:mod:`mixcli.datafiles`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from mixcli import MixcliError
-from mixcli.datafiles import FORMATS, column, load_rows  # noqa: F401  (this module's API)
 
 
 def load_causal_lm(folder: Path, dtype: str, device: str):

@@ -26,7 +26,8 @@ def task_files(params: dict) -> dict[str, str]:
 
 
 def evaluate(context) -> dict:
-    from mixcli_eval.data import column, load_causal_lm, load_rows
+    from mixcli.datafiles import column, load_rows
+    from mixcli_eval.data import load_causal_lm
     from mixcli_eval.metrics import exact_match
 
     p = context.params

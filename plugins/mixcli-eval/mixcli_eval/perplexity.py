@@ -18,7 +18,8 @@ class Params:
 
 
 def evaluate(context) -> dict:
-    from mixcli_eval.data import column, load_causal_lm, load_rows
+    from mixcli.datafiles import column, load_rows
+    from mixcli_eval.data import load_causal_lm
     from mixcli_eval.metrics import mean_token_loss
 
     p = context.params
