@@ -106,8 +106,12 @@ def inputs(n=4, seed=0):
 
 
 def task_arithmetic(family, lam):
+    return task_arithmetic_of([family / f"t{t}" for t in range(TASKS)], family, lam)
+
+
+def task_arithmetic_of(folders, family, lam):
     base = transformers.ViTModel.from_pretrained(family / "base").eval()
-    experts = [transformers.ViTModel.from_pretrained(family / f"t{t}").state_dict() for t in range(TASKS)]
+    experts = [transformers.ViTModel.from_pretrained(f).state_dict() for f in folders]
     state = {k: v + lam * sum(e[k] - v for e in experts) for k, v in base.state_dict().items()}
     base.load_state_dict(state)
     return base
@@ -126,6 +130,42 @@ def test_init_equals_task_arithmetic(family, tmp_path):
     config = json.loads((tmp_path / "random/config.json").read_text())
     assert config["model_type"] == "mixcli_wemoe" and len(config["blocks"]) == 2
     assert set(config["mixcli"]["inputs"]) == {"base", "t0", "t1"}
+
+
+def test_upscale_attn_routes_attention_task_vectors(family, tmp_path):
+    # Experts that changed every attention and MLP Linear: with attention upscaled too, routing
+    # one-hot onto expert t reproduces expert t exactly; MLP-only upscaling cannot.
+    base = transformers.ViTModel.from_pretrained(family / "base").eval()
+    gen = torch.Generator().manual_seed(7)
+    for t in range(TASKS):
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if k.endswith("weight") and v.dim() == 2
+                 and "embeddings" not in k and "pooler" not in k else v for k, v in base.state_dict().items()}
+        expert = transformers.ViTModel(vit_config()).eval()
+        expert.load_state_dict(state)
+        expert.save_pretrained(tmp_path / f"e{t}")
+    models = "\n".join(f't{t} = "{tmp_path / f"e{t}"}"' for t in range(TASKS))
+
+    def merged(out, extra):
+        text = f'[models]\nbase = "{family / "base"}"\n{models}\n\n[method]\nname = "we_moe"\nbase = "base"\n' \
+               f'router_std = 0.0\n{extra}\n[output]\npath = "{out}"\n'
+        run("merge", write_project(tmp_path, text, f"{out}.toml"))
+        return auto(tmp_path / out)
+
+    both, mlp_only = merged("both", "upscale_attn = true"), merged("mlp", "")
+    kinds = [b["kind"] for b in json.loads((tmp_path / "both/config.json").read_text())["blocks"]]
+    assert sorted(kinds) == ["attention", "attention", "mlp", "mlp"]
+    x = inputs()
+    with torch.no_grad():
+        assert torch.allclose(both(pixel_values=x).pooler_output,
+                              task_arithmetic_of([tmp_path / f"e{t}" for t in range(TASKS)], family, 0.3)(
+                                  pixel_values=x).pooler_output, atol=1e-5)
+        for t in range(TASKS):
+            one_hot = F.one_hot(torch.tensor(t), TASKS).float()
+            expert = transformers.ViTModel.from_pretrained(tmp_path / f"e{t}").eval()(pixel_values=x).pooler_output
+            with both.forced_routing(one_hot):
+                assert torch.allclose(both(pixel_values=x).pooler_output, expert, atol=1e-5)
+            with mlp_only.forced_routing(one_hot):
+                assert not torch.allclose(mlp_only(pixel_values=x).pooler_output, expert, atol=1e-3)
 
 
 def test_per_sample_routing_and_save_load(family, tmp_path):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mixcli import MixcliError, Upscaler, param
 
-from .we_moe import ADAPT_SECTION
+from .we_moe import ADAPT_SECTION, block_kinds
 from .we_moe import Params as WEMoEParams
 
 
@@ -81,7 +81,7 @@ def build(context):
 
         if not torch.cuda.is_available():
             p["svd_device"] = "cpu"  # optional accelerator: fall back silently
-    spec = Spec("rank_one_moe", expert_kind="rank_one", experts=_experts(p["svd_device"]),
+    spec = Spec("rank_one_moe", kinds=block_kinds(p), expert_kind="rank_one", experts=_experts(p["svd_device"]),
                 config={"rank_k": p["rank_k"], "select_k": p["select_k"]})
     out = plan(context, spec)
     adapt.attach(out, context)

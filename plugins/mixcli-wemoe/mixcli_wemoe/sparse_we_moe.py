@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mixcli import Upscaler, param
 
-from .we_moe import ADAPT_SECTION
+from .we_moe import ADAPT_SECTION, block_kinds
 from .we_moe import Params as WEMoEParams
 
 
@@ -47,7 +47,7 @@ def build(context):
         raise MixcliError(f"{context.project.where}: [method] position_encoding_dim must be even, "
                           f"got {p['position_encoding_dim']}")
     ratio = p["tv_prune_ratio"]
-    spec = Spec("sparse_we_moe", delta=lambda t: prune_magnitude(t, ratio),
+    spec = Spec("sparse_we_moe", kinds=block_kinds(p), delta=lambda t: prune_magnitude(t, ratio),
                 config={"shared_gate": p["shared_gate"], "position_encoding": p["position_encoding"],
                         "position_encoding_dim": p["position_encoding_dim"]})
     out = plan(context, spec)

@@ -39,13 +39,20 @@ class Params:
                                            "true = one merge per batch")
     modules: list = param([], help="upscale only blocks whose module path contains one of these strings "
                                    "(default: every MLP)")
+    upscale_attn: bool = param(False, help="also upscale every self-attention block (q/k/v/out projections): "
+                                           "for fully fine-tuned experts whose skill lives partly in attention")
+
+
+def block_kinds(params) -> tuple:
+    """Block kinds the family upscales: the MLPs, plus self-attention when asked."""
+    return ("mlp", "attention") if params["upscale_attn"] else ("mlp",)
 
 
 def build(context):
     from . import adapt
     from .construction import Spec, plan
 
-    out = plan(context, Spec("we_moe"))
+    out = plan(context, Spec("we_moe", kinds=block_kinds(context.params)))
     adapt.attach(out, context)
     return out
 
