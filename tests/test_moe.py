@@ -301,6 +301,39 @@ def test_two_gloo_processes_match_one(tuned):
     assert json.loads((folder / "two" / "tune_log.json").read_text())["world_size"] == 2
 
 
+def test_answer_only_loss_counts_answer_tokens_only(tuned):
+    # One step whose batch is every row (order does not matter then): the logged CE must equal
+    # the mean CE over answer tokens (and EOS) computed here with stock transformers.
+    folder, _ = tuned
+    data = folder / "train.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    tune = f'[tune]\ndata = "{data}"\nsteps = 1\nbatch_size = {len(rows)}\nlr = 0.01\neval_fraction = 0.0\n' \
+           'answer_only = true\n'
+    project = write_project(folder, (folder / "project.toml").read_text().split("[tune]")[0] + tune, "answer.toml")
+    run("tune", project, "--model", folder / "out", "--out", folder / "answer")
+    logged = json.loads((folder / "answer" / "tune_log.json").read_text())["history"][0]["ce"]
+    tok = transformers.AutoTokenizer.from_pretrained(folder / "out")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder / "out").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = tok(row["prompt"] + row["answer"] + tok.eos_token, return_tensors="pt")["input_ids"]
+            start = len(tok(row["prompt"])["input_ids"])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            for j in range(start, ids.shape[1]):
+                total -= float(logp[j - 1, ids[0, j]])
+                count += 1
+    assert logged == pytest.approx(total / count, abs=1e-4)
+    text_only = folder / "text.jsonl"
+    text_only.write_text("".join(json.dumps({"text": r["prompt"] + r["answer"]}) + "\n" for r in rows))
+    project.write_text(project.read_text().replace(str(data), str(text_only)))
+    result = CliRunner().invoke(cli, ["tune", str(project), "--model", str(folder / "out"), "--out",
+                                      str(folder / "never")])
+    assert result.exit_code == 1 and not (folder / "never").exists()
+    assert result.output.strip() == f"Error: [tune] data: {text_only} has no 'prompt' + 'answer' columns, which " \
+                                    "answer_only = true needs (columns: text)"
+
+
 def test_balance_loss_matches_transformers():
     torch.manual_seed(0)
     logits = [torch.randn(10, 4) for _ in range(3)]

@@ -15,36 +15,56 @@ from ._balance import RouterCapture, balance_loss, is_router, load_fractions
 from .tune import world
 
 
-def load_texts(settings, project_dir: Path, eos: str) -> list[str]:
+def load_texts(settings, project_dir: Path, eos: str) -> list[tuple[str, str | None]]:
+    """(text, its prompt or None) per row of every [tune] data file."""
     files = settings.data if isinstance(settings.data, list) else [settings.data]
-    texts = [t for file in files for t in _read(file, settings, project_dir, eos)]
-    if len(texts) < 2:
-        raise MixcliError(f"[tune] data: {len(texts)} rows; router tuning needs at least 2")
-    return texts
+    rows = [r for file in files for r in _read(file, settings, project_dir, eos)]
+    if len(rows) < 2:
+        raise MixcliError(f"[tune] data: {len(rows)} rows; router tuning needs at least 2")
+    return rows
 
 
-def _read(file: str, settings, project_dir: Path, eos: str) -> list[str]:
+def _read(file: str, settings, project_dir: Path, eos: str) -> list[tuple[str, str | None]]:
     path = Path(file).expanduser()
     path = path if path.is_absolute() else project_dir / path
     where = "[tune] data"
     data = load_rows(path, where)
     columns = data.column_names
-    if settings.text_field in columns:
-        return [str(t) + eos for t in data[settings.text_field]]
-    if settings.prompt_field in columns and settings.answer_field in columns:
-        return [str(p) + str(a) + eos for p, a in zip(data[settings.prompt_field], data[settings.answer_field])]
+    has_pairs = settings.prompt_field in columns and settings.answer_field in columns
+    if settings.answer_only and not has_pairs:
+        raise MixcliError(f"{where}: {path} has no '{settings.prompt_field}' + '{settings.answer_field}' columns, "
+                          f"which answer_only = true needs (columns: {', '.join(columns)})")
+    if settings.text_field in columns and not settings.answer_only:
+        return [(str(t) + eos, None) for t in data[settings.text_field]]
+    if has_pairs:
+        return [(str(p) + str(a) + eos, str(p)) for p, a in zip(data[settings.prompt_field], data[settings.answer_field])]
     raise MixcliError(f"{where}: {path} has neither a '{settings.text_field}' column nor "
                       f"'{settings.prompt_field}' + '{settings.answer_field}' (columns: {', '.join(columns)})")
 
 
-def batch_tensors(sequences: list[list[int]], pad: int):
-    length = max(len(s) for s in sequences)
+def tokenize(tokenizer, rows, settings) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first token the loss counts) per row; rows of one token are dropped.
+    With ``answer_only`` the loss starts after the prompt's tokens (the prompt tokenised alone)."""
+    texts = [text for text, _ in rows]
+    ids = tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"]
+    starts = [1] * len(ids)
+    if settings.answer_only:
+        prompts = tokenizer([prompt for _, prompt in rows], truncation=True, max_length=settings.max_length)["input_ids"]
+        starts = [max(1, len(p)) for p in prompts]
+    return [(seq, start) for seq, start in zip(ids, starts) if len(seq) > start]
+
+
+def batch_tensors(sequences: list[tuple[list[int], int]], pad: int):
+    """ids, attention mask and labels (-100 on padding and on tokens before each row's start)."""
+    length = max(len(s) for s, _ in sequences)
     ids = torch.full((len(sequences), length), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
+    labels = torch.full((len(sequences), length), -100, dtype=torch.long)
+    for i, (seq, start) in enumerate(sequences):
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
-    return ids, mask
+        labels[i, start:len(seq)] = ids[i, start:len(seq)]
+    return ids, mask, labels
 
 
 def select_trainable(model, extra: list[str]) -> list[str]:
@@ -58,11 +78,11 @@ def select_trainable(model, extra: list[str]) -> list[str]:
     return names
 
 
-def losses(model, capture, ids, mask, k: int, tokens_global: float, coef: float):
+def losses(model, capture, ids, mask, labels, k: int, tokens_global: float, coef: float):
     """(local loss to backpropagate, CE sum, aux contribution, groups) for this rank's batch."""
     capture.clear()
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+    labels = labels[:, 1:]
     ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                              ignore_index=-100, reduction="sum")
     groups = capture.logits
@@ -76,10 +96,10 @@ def evaluate(model, capture, sequences, pad: int, k: int, batch: int) -> dict:
     ce, tokens, aux_total, batches, loads = 0.0, 0, 0.0, 0, {}
     with torch.no_grad():
         for start in range(0, len(sequences), batch):
-            ids, mask = batch_tensors(sequences[start:start + batch], pad)
+            ids, mask, labels = batch_tensors(sequences[start:start + batch], pad)
             capture.clear()
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+            labels = labels[:, 1:]
             ce += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                         ignore_index=-100, reduction="sum"))
             tokens += int((labels != -100).sum())
@@ -117,13 +137,14 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
         torch.set_num_threads(max(1, torch.get_num_threads() // size))
     register_architectures()
     torch.manual_seed(settings.seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    # the data is read before the model so that a bad data file fails before any weight is loaded
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    rows = load_texts(settings, project.file.parent, tokenizer.eos_token or "")
+    sequences = tokenize(tokenizer, rows, settings)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
     k = model.config.num_experts_per_tok
     trainable = select_trainable(model, settings.train_modules)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    texts = load_texts(settings, project.file.parent, tokenizer.eos_token or "")
-    sequences = [s for s in tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"] if len(s) > 1]
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(settings.seed)).tolist()
     held = min(len(order) - 1, math.ceil(settings.eval_fraction * len(order))) if settings.eval_fraction else 0
     held_out = [sequences[i] for i in order[:held]]
@@ -156,11 +177,10 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
                 stream += torch.randperm(len(train_set), generator=sampler).tolist()
             chosen, stream = stream[:settings.batch_size], stream[settings.batch_size:]
             mine = chosen[rank * per_rank:(rank + 1) * per_rank]
-            ids, mask = batch_tensors([train_set[i] for i in mine], pad)
-            ids, mask = ids.to(device), mask.to(device)
-            tokens = _reduce(torch.tensor(float((mask[:, 1:] * mask[:, :-1]).sum()), device=device))
+            ids, mask, labels = (t.to(device) for t in batch_tensors([train_set[i] for i in mine], pad))
+            tokens = _reduce(torch.tensor(float((labels[:, 1:] != -100).sum()), device=device))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss, ce_sum, aux, _ = losses(net, capture, ids, mask, k, float(tokens), settings.aux_loss_coef)
+                loss, ce_sum, aux, _ = losses(net, capture, ids, mask, labels, k, float(tokens), settings.aux_loss_coef)
             optimizer.zero_grad(set_to_none=True)
             (loss * size).backward()  # DDP averages the ranks' gradients; the loss is already global
             if settings.grad_clip > 0:

@@ -26,6 +26,7 @@ class TuneSettings:
     text_field: str = "text"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    answer_only: bool = False  # loss on answer tokens only (prompt/answer data)
     max_length: int = 512
     steps: int = 300
     batch_size: int = 8
