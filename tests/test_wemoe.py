@@ -287,6 +287,18 @@ def test_pwe_collapse_equals_routed(family, tmp_path):
     assert not torch.allclose(routed, other, atol=1e-4)
 
 
+def test_task_stream_terms_against_hand_values():
+    from mixcli_wemoe.adapt import _task_id_loss
+
+    c = torch.tensor([[1.0, 0.0], [0.5, 0.5]])  # two samples, two experts, stream of task 0
+    assert float(_task_id_loss([(0, c)], 0, 1, "one_hot")) == pytest.approx((0.25 + 0.25) / 4)
+    ce = (-F.log_softmax(torch.tensor([10.0, 0.0]), 0)[0] - F.log_softmax(torch.tensor([5.0, 5.0]), 0)[0]) / 2
+    assert float(_task_id_loss([(0, c)], 0, 1, "ce")) == pytest.approx(float(ce), rel=1e-5)
+    # rank-one: the oracle puts 1 on every component of the stream's task
+    r = torch.tensor([[1.0, 1.0, 0.0, 2.0]])  # experts x k = 2 x 2, stream of task 1
+    assert float(_task_id_loss([(0, r)], 1, 2, "one_hot")) == pytest.approx((1 + 1 + 1 + 1) / 4)
+
+
 def test_bad_inputs(family, tmp_path):
     nohead = tmp_path / "nohead"
     shutil.copytree(family / "t1", nohead)
@@ -303,6 +315,8 @@ def test_bad_inputs(family, tmp_path):
                            "does not exist")
     fails(["merge", project(tmp_path, family, adapt="max_step = 1", name="typo.toml")],
           "typo.toml: [adapt]: unknown key 'max_step' (did you mean 'max_steps'?)")
+    fails(["merge", project(tmp_path, family, adapt='task_id_loss = "mse"', name="form.toml")],
+          "form.toml: [adapt]: 'task_id_loss' must be 'ce' or 'one_hot', got 'mse'")
     cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
     torch.manual_seed(0)
     gpt = transformers.GPT2Model(cfg)

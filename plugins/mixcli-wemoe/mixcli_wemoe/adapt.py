@@ -31,6 +31,8 @@ KEYS = {
     "logit_scale": (1.0, float, "multiply head logits before the entropy"),
     "task_id_weight": (0.0, float, "anti-collapse term: weight of a loss teaching routers which task stream "
                                    "an input came from (no labels used); 0 = the paper's objective"),
+    "task_id_loss": ("ce", str, "form of that term: 'ce' (the stream's task vector ranks first) or 'one_hot' "
+                                "(coefficients pulled toward the oracle routing: 1 on the stream's task, 0 elsewhere)"),
     "eval_every": (0, int, "every N steps log routing statistics and held-out accuracy (0: only at the end)"),
     "device": ("cpu", str, "torch device"),
     "seed": (None, int, "seed of the data streams (default: the project seed)"),
@@ -58,6 +60,8 @@ def settings(section: dict, where: str, pwe: bool = False) -> dict:
             raise MixcliError(f"{where}: '{key}' must be >= 0, got {value!r}")
         out[key] = value
     full = {key: out.get(key, default) for key, (default, _, _) in KEYS.items()}
+    if full["task_id_loss"] not in ("ce", "one_hot"):
+        raise MixcliError(f"{where}: 'task_id_loss' must be 'ce' or 'one_hot', got {full['task_id_loss']!r}")
     if full["batch_size"] < 1:
         raise MixcliError(f"{where}: 'batch_size' must be >= 1")
     if pwe:
@@ -166,7 +170,8 @@ def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = F
                 loss = entropy(z).mean()
                 parts.append(loss.detach())
                 if opts["task_id_weight"] and task.name in names:
-                    loss = loss + opts["task_id_weight"] * _task_id_loss(record, names.index(task.name), k)
+                    loss = loss + opts["task_id_weight"] * _task_id_loss(record, names.index(task.name), k,
+                                                                              opts["task_id_loss"])
                 if opts["use_grad_accumulate"]:
                     loss.backward()
                 else:
@@ -203,16 +208,24 @@ def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = F
     return history
 
 
-def _task_id_loss(record, target: int, k: int):
-    """Cross-entropy of the per-expert coefficients (temperature 0.1) against the stream's task."""
+def _task_id_loss(record, target: int, k: int, form: str = "ce"):
+    """How far each block's coefficients are from naming the stream's task: cross-entropy of the
+    per-expert sums (temperature 0.1), or ("one_hot") the mean squared distance to the oracle
+    routing, 1 on every coefficient of the stream's task and 0 elsewhere."""
     import torch
     import torch.nn.functional as F
 
     losses = []
     for _, c in record:
         c = c if c.dim() == 2 else c.unsqueeze(0)
-        c = c.reshape(c.shape[0], -1, k).sum(-1) / ROUTE_TEMPERATURE
-        losses.append(F.cross_entropy(c, torch.full((c.shape[0],), target, device=c.device)))
+        c = c.reshape(c.shape[0], -1, k)
+        if form == "one_hot":
+            oracle = torch.zeros_like(c)
+            oracle[:, target] = 1.0
+            losses.append(F.mse_loss(c, oracle))
+        else:
+            losses.append(F.cross_entropy(c.sum(-1) / ROUTE_TEMPERATURE,
+                                          torch.full((c.shape[0],), target, device=c.device)))
     return torch.stack(losses).mean()
 
 
