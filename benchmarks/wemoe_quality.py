@@ -1,12 +1,13 @@
 """Quality of the weight-ensembling MoE family on the model zoo's vision tasks (prints a table).
 
     PYTHONPATH=plugins/mixcli-zoo python benchmarks/wemoe_quality.py [--zoo /tmp/zoo] [--size full]
-        [--steps 300] [--device cpu]
+        [--steps 300] [--device cpu] [--upscale-attn] [--rows we_moe,sparse,rank_one,pwe]
 
 Rows: individual experts, task arithmetic (λ 0.3), TIES (mixcli-merge), WE-MoE before/after
 test-time adaptation (paper objective, and with the task-stream anti-collapse term), the
 oracle-routing bound, sparse WE-MoE at 90% pruning, rank-one MoE, PWE-MoE (LS) at the one-hot
-preferences; PWE-MoE's per-task accuracy across a preference grid is plotted to
+preferences (``--upscale-attn`` routes the attention projections too in the WE-MoE rows;
+``--rows`` picks which adapted rows run); PWE-MoE's per-task accuracy across a preference grid is plotted to
 ``wemoe_pwe_front.png``. Targets: WE-MoE >= 95% of the experts' mean; sparse within 1 point.
 """
 
@@ -88,15 +89,22 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--init-lambda", type=float, default=0.5, help="λ of task arithmetic and of the routers' start")
+    ap.add_argument("--upscale-attn", action="store_true", help="WE-MoE family: route attention projections too")
+    ap.add_argument("--task-id-loss", default="ce", choices=("ce", "one_hot"), help="form of the task-stream term")
+    ap.add_argument("--task-id-weight", type=float, default=1.0, help="weight of the task-stream term")
+    ap.add_argument("--per-sample", action="store_true", help="adapt with per-sample routing (batch_reduce = false)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="adaptation learning rate (PWE-MoE: 10x)")
+    ap.add_argument("--rows", default="merges,entropy,we_moe,sparse,rank_one,pwe", help="adapted rows to run")
     args = ap.parse_args(argv)
+    wanted = set(args.rows.split(","))
     register_architectures()
     manifest = build_zoo(args.zoo, size=args.size, families=("vision",))["vision"]
     zoo, dev = args.zoo, args.device
     rows: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix="wemoe-bench-"))
-    tta = f"max_steps = {args.steps}\nlr = 1e-3"
+    tta = f"max_steps = {args.steps}\nlr = {args.lr}" + ("\nbatch_reduce = false" if args.per_sample else "")
     lam = args.init_lambda
-    init = f"init_lambda = {lam}"
+    init = f"init_lambda = {lam}" + ("\nupscale_attn = true" if args.upscale_attn else "")
     model, _ = build(project_text(zoo, manifest, "we_moe", init), tmp, dev, False)
     tasks = load_tasks(model, {e["task"]: zoo / e["path"] for e in manifest["experts"]}, settings({}, "x"), "x")
     for e in manifest["experts"]:
@@ -105,27 +113,36 @@ def main(argv=None) -> None:
     rows[f"WE-MoE (init = TA {lam})"] = accuracy_table(model, tasks, dev)
     rows["oracle routing bound"] = oracle_accuracy(model, tasks, dev)
     for name, text in {
-        f"task arithmetic ({lam})": project_text(zoo, manifest, "task_arithmetic", f"lambda = {lam}"),
-        "TIES (density 0.2, λ 1)": project_text(zoo, manifest, "ties", "density = 0.2\nlambda = 1.0"),
+        f"task arithmetic ({lam})": project_text(zoo, manifest, "task_arithmetic", f"lambda = {lam}\nweight = 1.0"),
+        "TIES (density 0.2, λ 1)": project_text(zoo, manifest, "ties", "density = 0.2\nlambda = 1.0\nweight = 1.0"),
     }.items():
+        if "merges" not in wanted:
+            break
         try:
             rows[name] = accuracy_table(Plain(merged_backbone(text, tmp / name.split()[0])), tasks, dev)
         except Exception as error:  # the merge plugin's parameter names may differ
             print(f"{name}: skipped ({error})", file=sys.stderr)
-    for name, method, params, extra in [
-        ("WE-MoE + TTA (entropy)", "we_moe", init, ""),
-        ("WE-MoE + TTA (entropy + task-stream term)", "we_moe", init, "task_id_weight = 1.0"),
-        ("sparse WE-MoE 90% + TTA (+ task-stream)", "sparse_we_moe", f"tv_prune_ratio = 0.9\n{init}", "task_id_weight = 1.0"),
-        ("rank-one MoE (k 8) + TTA (+ task-stream)", "rank_one_moe", f"rank_k = 8\n{init}", "task_id_weight = 1.0"),
+    stream = f'task_id_weight = {args.task_id_weight}\ntask_id_loss = "{args.task_id_loss}"'
+    for key, name, method, params, extra in [
+        ("entropy", "WE-MoE + TTA (entropy)", "we_moe", init, ""),
+        ("we_moe", f"WE-MoE + TTA (entropy + task-stream {args.task_id_loss})", "we_moe", init, stream),
+        ("sparse", "sparse WE-MoE 90% + TTA (+ task-stream)", "sparse_we_moe", f"tv_prune_ratio = 0.9\n{init}",
+         stream),
+        ("rank_one", "rank-one MoE (k 8) + TTA (+ task-stream)", "rank_one_moe", f"rank_k = 8\n{init}",
+         stream),
     ]:
+        if key not in wanted:
+            continue
         m, record = build(project_text(zoo, manifest, method, params, tta + "\n" + extra), tmp, dev, True)
         rows[name] = record["accuracy"]
-    pwe, record = build(project_text(zoo, manifest, "pwe_moe", init, tta.replace("1e-3", "1e-2") + "\neval_grid_m = 2"),
-                        tmp, dev, True)
-    for row in record["front"]:
-        best = row["preference"].index(max(row["preference"]))
-        rows.setdefault("PWE-MoE LS (one-hot preference of the task)", {})[tasks[best].name] = row["accuracy"][tasks[best].name]
-    plot_front(pwe, tasks, dev, Path("wemoe_pwe_front.png"))
+    if "pwe" in wanted:
+        pwe_init = f"init_lambda = {lam}"  # pwe_moe routes attention by default
+        pwe, record = build(project_text(zoo, manifest, "pwe_moe", pwe_init, f"max_steps = {args.steps}\nlr = {args.lr * 10}" + "\neval_grid_m = 2"),
+                            tmp, dev, True)
+        for row in record["front"]:
+            best = row["preference"].index(max(row["preference"]))
+            rows.setdefault("PWE-MoE LS (one-hot preference of the task)", {})[tasks[best].name] = row["accuracy"][tasks[best].name]
+        plot_front(pwe, tasks, dev, Path("wemoe_pwe_front.png"))
     names = [t.name for t in tasks]
     mean_ind = sum(rows["individual"].values()) / len(names)
     print(f"{'method':48s}" + "".join(f"{n[:9]:>10s}" for n in names) + f"{'mean':>8s}{'% ind':>8s}")
