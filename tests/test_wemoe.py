@@ -299,6 +299,23 @@ def test_task_stream_terms_against_hand_values():
     assert float(_task_id_loss([(0, r)], 1, 2, "one_hot")) == pytest.approx((1 + 1 + 1 + 1) / 4)
 
 
+def test_lr_schedules_against_hand_values():
+    from mixcli_wemoe.adapt import lr_scheduler
+
+    def rates(schedule, steps=4):
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched, seen = lr_scheduler(opt, steps, schedule), []
+        for _ in range(steps + 1):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return seen
+
+    assert rates("constant") == pytest.approx([0.5] * 5)
+    # 0.5 * (0.1 + 0.9 * (1 + cos(pi * s / 4)) / 2) for s = 0..4
+    assert rates("cosine") == pytest.approx([0.5, 0.434099, 0.275, 0.115901, 0.05], rel=1e-5)
+
+
 def test_bad_inputs(family, tmp_path):
     nohead = tmp_path / "nohead"
     shutil.copytree(family / "t1", nohead)
@@ -317,6 +334,8 @@ def test_bad_inputs(family, tmp_path):
           "typo.toml: [adapt]: unknown key 'max_step' (did you mean 'max_steps'?)")
     fails(["merge", project(tmp_path, family, adapt='task_id_loss = "mse"', name="form.toml")],
           "form.toml: [adapt]: 'task_id_loss' must be 'ce' or 'one_hot', got 'mse'")
+    fails(["merge", project(tmp_path, family, adapt='lr_schedule = "linear"', name="sched.toml")],
+          "sched.toml: [adapt]: 'lr_schedule' must be 'constant' or 'cosine', got 'linear'")
     cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
     torch.manual_seed(0)
     gpt = transformers.GPT2Model(cfg)

@@ -25,6 +25,8 @@ KEYS = {
     "max_samples": (0, int, "use at most this many samples per task (0: all)"),
     "max_steps": (1000, int, "optimizer steps"),
     "lr": (1e-4, float, "Adam learning rate"),
+    "lr_schedule": ("constant", str, "'constant' (the paper) or 'cosine' (annealed to 0.1·lr over max_steps); "
+                                     "pwe_moe always anneals"),
     "batch_size": (16, int, "samples per task per step (the global batch under torchrun)"),
     "batch_reduce": (True, bool, "route with the batch mean during adaptation (inference stays per sample)"),
     "use_grad_accumulate": (True, bool, "back-propagate task by task (same gradient, less memory)"),
@@ -62,6 +64,8 @@ def settings(section: dict, where: str, pwe: bool = False) -> dict:
     full = {key: out.get(key, default) for key, (default, _, _) in KEYS.items()}
     if full["task_id_loss"] not in ("ce", "one_hot"):
         raise MixcliError(f"{where}: 'task_id_loss' must be 'ce' or 'one_hot', got {full['task_id_loss']!r}")
+    if full["lr_schedule"] not in ("constant", "cosine"):
+        raise MixcliError(f"{where}: 'lr_schedule' must be 'constant' or 'cosine', got {full['lr_schedule']!r}")
     if full["batch_size"] < 1:
         raise MixcliError(f"{where}: 'batch_size' must be >= 1")
     if pwe:
@@ -139,6 +143,16 @@ def router_optimizer(model, device, lr: float, seed: int):
     return params, torch.optim.Adam(params, lr=lr)
 
 
+def lr_scheduler(opt, steps: int, schedule: str):
+    """Constant, or cosine annealing from ``lr`` to ``0.1·lr`` over ``steps``."""
+    import torch
+
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
+
+
 def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = False) -> dict:
     """Entropy minimisation of the routers, in place; returns the loss history."""
     import torch
@@ -153,6 +167,7 @@ def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = F
     share = opts["batch_size"] // size
     names = list(model.config.expert_names)
     params, opt = router_optimizer(model, device, opts["lr"], seed)
+    sched = lr_scheduler(opt, opts["max_steps"], opts["lr_schedule"])
     streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
     old_reduce = model.routing.batch_reduce
     model.set_batch_reduce(opts["batch_reduce"])
@@ -188,6 +203,7 @@ def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = F
                 dist.all_reduce(values)
                 values /= size
             opt.step()
+            sched.step()
             values = values.cpu().tolist()
             history["step"].append(step + 1)
             history["loss"].append(sum(values))

@@ -14,7 +14,6 @@ grid (multiples of ``1/(m−1)``) is evaluated when the data has labels.
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 
@@ -68,7 +67,7 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
     import torch
     import torch.nn.functional as F
 
-    from .adapt import Stream, _progress, router_optimizer, world
+    from .adapt import Stream, _progress, lr_scheduler, router_optimizer, world
     from .diagnostics import accuracy
     from .tasks import logits
 
@@ -83,8 +82,7 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
             raise MixcliError(f"{where}: task '{task.name}' has no labels in {task.data_path}; pwe_moe trains on "
                               "labeled data")
     params, opt = router_optimizer(model, device, opts["lr"], seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
+    sched = lr_scheduler(opt, steps, "cosine")
     dirichlet = torch.distributions.Dirichlet(torch.full((n,), float(opts["alpha"])))
     streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
     share = opts["batch_size"] // size
