@@ -241,6 +241,19 @@ def test_ddp_two_processes_equal_one(family, tmp_path):
         assert torch.allclose(one[key], two[key], atol=1e-6), key
 
 
+def test_pwe_batch_not_divisible_by_processes_fails(family, tmp_path):
+    # PWE-MoE's training shares TTA's split of the global batch: 3 samples cannot go to 2 processes
+    path = project(tmp_path, family, "pwe_moe", adapt="max_steps = 1\nbatch_size = 3")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29518", "-m", "mixcli", "adapt", str(path), "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode != 0
+    assert ("Error: [adapt] batch_size 3 is not divisible by the 2 processes; set it to a multiple of 2"
+            in done.stdout + done.stderr), done.stderr[-2000:]
+    assert not (tmp_path / "two").exists()
+
+
 def test_sparse_pruning_fraction_and_shared_router(family, tmp_path):
     run("merge", project(tmp_path, family, "sparse_we_moe", "tv_prune_ratio = 0.9"))
     model = auto(tmp_path / "out")

@@ -4,9 +4,10 @@ LS/EPO training lives in :mod:`mixcli_wemoe.pareto` and shares these settings.
 
 Per step, every task draws ``batch_size`` unlabeled inputs from its own stream (seeded
 shuffles, cycling), the loss is the mean prediction entropy of its head; only router
-parameters train (Adam, constant lr). Under ``torchrun`` every process takes an equal share
-of each task's batch and the router gradients are averaged across processes (gloo on CPU,
-nccl on CUDA), so N processes follow the same trajectory as one with the same global batch.
+parameters train (Adam; constant lr unless ``lr_schedule = "cosine"``). Under ``torchrun``
+every process takes an equal share of each task's batch and the router gradients are
+averaged across processes (gloo on CPU, nccl on CUDA), so N processes follow the same
+trajectory as one with the same global batch.
 """
 
 from __future__ import annotations
@@ -128,6 +129,14 @@ def world():
     return 0, 1
 
 
+def rank_share(batch_size: int, size: int) -> int:
+    """Samples per task each of ``size`` processes takes from the global batch."""
+    if batch_size % size:
+        raise MixcliError(f"[adapt] batch_size {batch_size} is not divisible by the {size} processes; "
+                          f"set it to a multiple of {size}")
+    return batch_size // size
+
+
 def router_optimizer(model, device, lr: float, seed: int):
     """Seed torch, move ``model`` to ``device`` in eval mode (no dropout; gradients still reach
     the routers), freeze everything but the routers; return them and an Adam over them."""
@@ -162,9 +171,7 @@ def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = F
 
     rank, size = world()
     device = torch.device(opts["device"])
-    if opts["batch_size"] % size:
-        raise MixcliError(f"[adapt] batch_size {opts['batch_size']} is not divisible by the {size} processes")
-    share = opts["batch_size"] // size
+    share = rank_share(opts["batch_size"], size)
     names = list(model.config.expert_names)
     params, opt = router_optimizer(model, device, opts["lr"], seed)
     sched = lr_scheduler(opt, opts["max_steps"], opts["lr_schedule"])

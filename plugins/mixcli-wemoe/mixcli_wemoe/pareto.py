@@ -67,7 +67,7 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
     import torch
     import torch.nn.functional as F
 
-    from .adapt import Stream, _progress, lr_scheduler, router_optimizer, world
+    from .adapt import Stream, _progress, lr_scheduler, rank_share, router_optimizer, world
     from .diagnostics import accuracy
     from .tasks import logits
 
@@ -85,7 +85,7 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
     sched = lr_scheduler(opt, steps, "cosine")
     dirichlet = torch.distributions.Dirichlet(torch.full((n,), float(opts["alpha"])))
     streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
-    share = opts["batch_size"] // size
+    share = rank_share(opts["batch_size"], size)
     history = {"step": [], "loss": [], "tasks": {t.name: [] for t in tasks}, "ylabel": "cross-entropy", "moves": {}}
     bar = _progress(progress, steps)
     try:
