@@ -290,6 +290,10 @@ def test_pwe_collapse_equals_routed(family, tmp_path):
         for router in model.routers:
             router.fc1.weight.normal_(0, 0.5)
     x = inputs()
+    with torch.no_grad():  # as loaded: the equal preference
+        loaded = model(pixel_values=x).pooler_output
+        model.set_preference([1.0, 1.0])
+        assert torch.equal(model(pixel_values=x).pooler_output, loaded)
     model.set_preference([0.8, 0.2])
     with torch.no_grad():
         routed = model(pixel_values=x).pooler_output

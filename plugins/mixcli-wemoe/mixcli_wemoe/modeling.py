@@ -90,7 +90,9 @@ class WEMoEModel(transformers.PreTrainedModel):
                 self._replace(path, group, path in block["entries"])
         self.routers = nn.ModuleList(routers)
         if config.router_input == "preference":  # until set_preference: equal weight on every task
-            self.routing.preference = torch.full((config.num_experts,), 1.0 / config.num_experts)
+            # explicit device: from_pretrained builds modules under a meta-device context, and this
+            # plain tensor (not a parameter or buffer) would never be materialised
+            self.routing.preference = torch.full((config.num_experts,), 1.0 / config.num_experts, device="cpu")
         self.post_init()
 
     def _replace(self, path: str, group: RoutingGroup, entry: bool) -> None:
