@@ -18,3 +18,12 @@ def test_tiny_demo_runs_end_to_end_and_experts_beat_the_base(tmp_path):
     assert all(rows["individual experts"][t] > rows["base"][t] for t in tasks)
     assert (tmp_path / "zoo" / "demo" / "results.png").stat().st_size > 1000
     assert (tmp_path / "zoo" / "demo" / "out" / "vision-ties" / "model.safetensors").is_file()
+    # every vision demo project (WE-MoE family included) passes `mixcli validate` on this zoo
+    from mixcli_zoo.demo import find_examples, render
+
+    examples = sorted(find_examples(None).glob("vision-*.toml"))
+    assert {p.stem for p in examples} >= {"vision-we_moe", "vision-sparse_we_moe", "vision-rank_one_moe"}
+    for example in examples:
+        path = render(example, tmp_path / "zoo", tmp_path / "checked")
+        checked = CliRunner().invoke(cli, ["validate", str(path)])
+        assert checked.exit_code == 0, f"{example.name}: {checked.output}"
