@@ -78,13 +78,17 @@ def select_trainable(model, extra: list[str]) -> list[str]:
     return names
 
 
+def next_token_ce_sum(logits, labels):
+    """Summed cross-entropy of each position's prediction of the next token (labels -100 skipped)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
 def losses(model, capture, ids, mask, labels, k: int, tokens_global: float, coef: float):
     """(local loss to backpropagate, CE sum, aux contribution, groups) for this rank's batch."""
     capture.clear()
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    labels = labels[:, 1:]
-    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=-100, reduction="sum")
+    ce_sum = next_token_ce_sum(logits, labels)
     groups = capture.logits
     aux = sum(balance_loss(layers, mask, k) for layers in groups.values()) / max(1, len(groups))
     return ce_sum / tokens_global + coef * aux, ce_sum, aux, groups
@@ -99,10 +103,8 @@ def evaluate(model, capture, sequences, pad: int, k: int, batch: int) -> dict:
             ids, mask, labels = batch_tensors(sequences[start:start + batch], pad)
             capture.clear()
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            labels = labels[:, 1:]
-            ce += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                        ignore_index=-100, reduction="sum"))
-            tokens += int((labels != -100).sum())
+            ce += float(next_token_ce_sum(logits, labels))
+            tokens += int((labels[:, 1:] != -100).sum())
             groups = capture.logits
             aux_total += float(sum(_local_aux(v, mask, k) for v in groups.values()) / max(1, len(groups)))
             batches += 1
