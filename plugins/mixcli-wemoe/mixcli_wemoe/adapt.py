@@ -43,6 +43,8 @@ KEYS = {
     "alpha": (1.0, float, "pwe_moe only: Dirichlet concentration of the sampled preferences"),
     "eval_grid_m": (2, int, "pwe_moe only: preference grid of multiples of 1/(m-1) evaluated at the end"),
 }
+# the string keys that accept only these values
+CHOICES = {"task_id_loss": ("ce", "one_hot"), "lr_schedule": ("constant", "cosine")}
 ROUTE_TEMPERATURE = 0.1
 
 
@@ -63,10 +65,10 @@ def settings(section: dict, where: str, pwe: bool = False) -> dict:
             raise MixcliError(f"{where}: '{key}' must be >= 0, got {value!r}")
         out[key] = value
     full = {key: out.get(key, default) for key, (default, _, _) in KEYS.items()}
-    if full["task_id_loss"] not in ("ce", "one_hot"):
-        raise MixcliError(f"{where}: 'task_id_loss' must be 'ce' or 'one_hot', got {full['task_id_loss']!r}")
-    if full["lr_schedule"] not in ("constant", "cosine"):
-        raise MixcliError(f"{where}: 'lr_schedule' must be 'constant' or 'cosine', got {full['lr_schedule']!r}")
+    for key, allowed in CHOICES.items():
+        if full[key] not in allowed:
+            raise MixcliError(f"{where}: '{key}' must be " + " or ".join(repr(a) for a in allowed)
+                              + f", got {full[key]!r}")
     if full["batch_size"] < 1:
         raise MixcliError(f"{where}: 'batch_size' must be >= 1")
     if pwe:
