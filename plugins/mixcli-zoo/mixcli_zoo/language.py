@@ -1,10 +1,11 @@
 """Language family: a tiny character-level Llama and algorithmic-task experts.
 
 The base is pretrained (full-sequence LM loss) on a mixture of algorithmic tasks in
-which the expert tasks appear mostly with SHORT inputs (1-3 letters, 1-digit sums), and
-only a fraction ``p_long`` of the time with the long inputs (4-6 letters, 2-digit +
-2-digit sums), next to tasks it keeps (copy, length). Experts fine-tune (answer-only
-loss, small learning rate) on long inputs of one task, which the base gets mostly wrong,
+which the expert tasks (reverse, sort, shift, nines' complement) appear mostly with SHORT
+inputs (1-3 characters), and only a fraction ``p_long`` of the time with the long inputs
+(4-6 characters), next to tasks it keeps (copy, length). Experts fine-tune (answer-only
+loss, small learning rate, embeddings and output head frozen) on long inputs of one task,
+which the base gets mostly wrong,
 so each task vector sharpens a skill the base half knows -- the regime in which merges
 land between the base and the experts (with ``p_long = 0`` every merge stayed at the
 base's level). Two kinds of experts: all parameters, and MLP-only (parameters whose name
@@ -23,44 +24,45 @@ import torch.nn.functional as F
 from .tokenizer import build_char_tokenizer
 from .training import seed_everything, train_loop
 
-VERSION = "language-2"
-LETTERS = "abcdefghij"
-ALPHABET = LETTERS + "0123456789" + ":=+ .\n"
-EXPERT_TASKS = ("rev", "sort", "add", "shift")
-
-
-def _word(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+VERSION = "language-3"
+# Each expert task works on its own characters, as domains do in real corpora (code, maths,
+# prose): a token says which task it belongs to, which token-level MoE routers need, and
+# task vectors overlap less than when every task reads the same ten letters.
+TASK_CHARS = {"rev": "abcdefghij", "sort": "klmnopqrst", "shift": "ABCDEFGHIJ", "comp": "0123456789"}
+EXPERT_TASKS = tuple(TASK_CHARS)
+PRETRAIN_MIX = ("copy", "len") + EXPERT_TASKS
+# Every character of every prompt has its own token, task names included (a tokenizer
+# missing some of them reads "rev:" and "len:" as the same <unk> e <unk>).
+ALPHABET = "".join(dict.fromkeys("".join(TASK_CHARS.values()) + "0123456789:=+ .\n" + "".join(PRETRAIN_MIX)))
 
 
 def make_example(task: str, rng: random.Random, long: bool) -> dict:
-    """One {"prompt", "answer"} pair; ``long`` picks the expert (harder) length range."""
+    """One {"prompt", "answer"} pair; ``long`` picks the expert (harder) length range.
+
+    copy and len (kept by the base, never fine-tuned) draw words from any task's characters.
+    """
+    if task in ("copy", "len"):
+        chars = rng.choice(list(TASK_CHARS.values()))
+        word = "".join(rng.choice(chars) for _ in range(rng.randint(1, 6 if task == "copy" else 9)))
+        return {"prompt": f"{task}:{word}=", "answer": word if task == "copy" else str(len(word))}
+    chars = TASK_CHARS[task]
     lo, hi = (4, 6) if long else (1, 3)
-    if task == "add":
-        if long:  # two 2-digit operands; the base only sees one-digit + up-to-two-digit sums
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
-        else:
-            a, b = rng.randint(0, 9), rng.randint(0, 99)
-        return {"prompt": f"add:{a}+{b}=", "answer": str(a + b)}
-    w = _word(rng, lo, hi)
+    word = "".join(rng.choice(chars) for _ in range(rng.randint(lo, hi)))
     if task == "rev":
-        ans = w[::-1]
+        answer = word[::-1]
     elif task == "sort":
-        ans = "".join(sorted(w))
-    elif task == "shift":
-        ans = "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in w)
-    elif task == "copy":
-        w = _word(rng, 1, 6)
-        ans = w
-    elif task == "len":
-        w = _word(rng, 1, 9)
-        ans = str(len(w))
-    else:
-        raise ValueError(task)
-    return {"prompt": f"{task}:{w}=", "answer": ans}
+        answer = "".join(sorted(word))
+    elif task == "shift":  # each character to the next one, cyclically
+        answer = "".join(chars[(chars.index(c) + 1) % len(chars)] for c in word)
+    else:  # comp: nines' complement, digit by digit
+        answer = "".join(chars[len(chars) - 1 - chars.index(c)] for c in word)
+    return {"prompt": f"{task}:{word}=", "answer": answer}
 
 
-PRETRAIN_MIX = ("copy", "len", "rev", "sort", "add", "shift")
+# Experts keep the base's token embeddings and output head, as the vision experts keep its
+# patch embeddings and digit head: the skill then lives in the transformer blocks, where
+# merges (and MoE experts) can reach it.
+EXPERT_FROZEN = ("embed_tokens", "lm_head")
 
 
 def make_task_split(task: str, n_train: int, n_test: int, seed: int) -> tuple[list, list]:
@@ -93,7 +95,7 @@ def make_pretrain(n: int, seed: int, exclude: set, p_long: float = 0.0) -> list[
 
 SIZES = {
     "full": dict(hidden=96, layers=2, heads=4, mlp=256, pre_steps=1000, pre_lr=3e-3, p_long=0.1,
-                 ft_steps=300, ft_lr=1e-4, mlp_lr_mult=2.0, batch=64,
+                 ft_steps=300, ft_lr=3e-4, mlp_lr_mult=2.0, batch=64,
                  n_pre=20000, n_train=2000, n_test=200),
     "tiny": dict(hidden=64, layers=1, heads=2, mlp=128, pre_steps=150, pre_lr=5e-3,
                  ft_steps=60, ft_lr=5e-3, mlp_lr_mult=3.0, batch=64, p_long=0.0,
@@ -141,11 +143,12 @@ def lm_loss(model, x, m, y):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
 
 
-def train(model, data, *, steps, lr, batch, gen, only=None, warmup=30, wd=0.0):
-    """Train all parameters, or only those whose name contains ``only`` (e.g. "mlp.")."""
+def train(model, data, *, steps, lr, batch, gen, only=None, frozen=(), warmup=30, wd=0.0):
+    """Train all parameters, or only those whose name contains ``only`` (e.g. "mlp."),
+    except those whose name contains one of ``frozen``."""
     x, m, y = data
     for n, p in model.named_parameters():
-        p.requires_grad_(only is None or only in n)
+        p.requires_grad_((only is None or only in n) and not any(f in n for f in frozen))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
 
@@ -214,7 +217,7 @@ def build_language(out: Path, size: str, seed: int, log=print) -> dict:
             model.load_state_dict(base_sd)
             train(model, encode(tok, splits[task], answer_only=True), steps=hp["ft_steps"],
                   lr=hp["ft_lr"] * (hp["mlp_lr_mult"] if only else 1.0), batch=hp["batch"], gen=gen,
-                  only=only, warmup=10)
+                  only=only, frozen=EXPERT_FROZEN, warmup=10)
             model.eval()
             folder = f"{kind}/{task}"
             model.save_pretrained(out / folder, safe_serialization=True)
