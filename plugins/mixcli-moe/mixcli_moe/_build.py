@@ -88,6 +88,9 @@ def check_recipe(context, recipe: Recipe, where: str) -> None:
     for layer in recipe.layers or []:
         if not 0 <= layer < layers:
             raise MixcliError(f"{where}: layers lists {layer}, but the models have layers 0..{layers - 1}")
+    if "o_proj" in recipe.modules and recipe.gate_mode == "cheap_embed":
+        raise MixcliError(f"{where}: gate_mode 'cheap_embed' cannot initialise o_proj routers (o_proj reads "
+                          "the attention output, not token embeddings); use 'hidden' or 'random'")
     custom = is_custom(recipe.modules, recipe.layers, {})
     native = native_layout()
     if recipe.layout and custom and recipe.layout != native:
@@ -95,18 +98,30 @@ def check_recipe(context, recipe: Recipe, where: str) -> None:
                           f"mixcli_mixllama architecture uses the installed transformers' layout '{native}'")
 
 
-def routers_for(context, recipe: Recipe, groups: int, shape: tuple[int, int, int], where: str) -> list:
-    """One ``[L, E, H]`` float32 router set per router group (mlp, then q/k/v in that order)."""
+def routers_for(context, recipe: Recipe, shape: tuple[int, int, int], o_proj_width: int, where: str) -> dict:
+    """A float32 router set per router group: ``[L, E, H]`` for mlp and q/k/v, ``[L, E, A]``
+    (A = o_proj's input width) for o_proj."""
+    groups = [m for m in ("mlp", "q_proj", "k_proj", "v_proj") if m in recipe.modules]
+    o_proj = "o_proj" in recipe.modules
     mode = "hidden" if recipe.gate_mode == "hidden_last" else recipe.gate_mode
     if mode in ("random", "uniform_random"):
-        return router_init.random_draws(mode, groups, *shape, context.seed)
-    routers = router_init.compute(mode, context.models[recipe.base], recipe.positive, recipe.negative,
-                                  shape[0], recipe.hidden_dtype)
-    bad = router_init.degenerate_layers(routers)
+        # o_proj draws from a seed of its own, so adding it leaves the other routers unchanged
+        routers = dict(zip(groups, router_init.random_draws(mode, len(groups), *shape, context.seed)))
+        if o_proj:
+            routers["o_proj"] = router_init.random_draws(mode, 1, shape[0], shape[1], o_proj_width,
+                                                         derive_seed(context.seed, "o_proj-router"))[0]
+        return routers
+    found = router_init.compute(mode, context.models[recipe.base], recipe.positive, recipe.negative,
+                                shape[0], recipe.hidden_dtype, o_proj=o_proj)
+    residual, attention = found if o_proj else (found, None)
+    bad = router_init.degenerate_layers(residual)
     if bad:
         warn(f"{where}: router rows of layers {bad} are nearly parallel (condition number > 5): prompts too "
              "similar; experts will be under-used")
-    return [routers] * groups  # prompt modes: the same per-layer vectors for every router group
+    routers = {group: residual for group in groups}  # the same per-layer vectors for every group
+    if o_proj:
+        routers["o_proj"] = attention
+    return routers
 
 
 class _Piece:
@@ -192,9 +207,8 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
         warn(f"{where}: the base uses a sliding window of {cfg['sliding_window']} tokens; the Mixtral output "
              "attends to the whole context (sliding_window = None), so outputs differ beyond that length")
 
-    groups = [m for m in ("mlp", *ATTENTION) if m in recipe.modules]
-    routers = dict(zip(groups, routers_for(context, recipe, len(groups) or 1,
-                                           (layers_count, count, hidden), where)))
+    o_proj_width = base.tensors[Names.attention(0, "o_proj")].shape[1]
+    routers = routers_for(context, recipe, (layers_count, count, hidden), o_proj_width, where)
     if "mlp" not in routers:  # a stock Mixtral block still needs a router; custom dense MLPs do not
         routers["mlp"] = router_init.random_draws("uniform_random", 1, layers_count, count, hidden,
                                                   derive_seed(context.seed, "mlp-router"))[0]
@@ -263,7 +277,8 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
         if proj not in recipe.modules:
             continue
         for layer in sorted(mixed):
-            tensors.append(OutputTensor(names.attention_router(layer, proj), (count, hidden), code,
+            width = o_proj_width if proj == "o_proj" else hidden
+            tensors.append(OutputTensor(names.attention_router(layer, proj), (count, width), code,
                                         _Router(routers[proj][layer], code), [],
                                         {"kind": "router", "gate_mode": recipe.gate_mode}))
 

@@ -11,9 +11,10 @@ from mixcli import MixcliError
 from mixcli.plan import set_dtype
 
 MODEL_TYPE = "mixcli_mixllama"  # the attention-expert architecture (modeling_mixllama)
-MODULES = ("mlp", "q_proj", "k_proj", "v_proj")
-ATTENTION = ("q_proj", "k_proj", "v_proj")
-FLAGS = {"mlp": "moe_mlp", "q_proj": "moe_query", "k_proj": "moe_key", "v_proj": "moe_value"}
+MODULES = ("mlp", "q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+FLAGS = {"mlp": "moe_mlp", "q_proj": "moe_query", "k_proj": "moe_key", "v_proj": "moe_value",
+         "o_proj": "moe_output"}
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 V4_PARTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 INPUT_TYPES = ("llama", "mistral")

@@ -1,17 +1,18 @@
-"""``mixcli_mixllama``: a Mixtral whose attention q/k/v projections can be routed experts.
+"""``mixcli_mixllama``: a Mixtral whose attention projections can be routed experts.
 
 Registered with transformers' Auto classes by this plugin's ``register_architectures`` hook,
 so ``AutoModelForCausalLM.from_pretrained`` loads it once ``mixcli.plugins.
 register_architectures()`` has run (mixcli does that before evaluating). The config has no
 ``auto_map``: without mixcli-moe installed, transformers refuses the unknown model type.
 
-Config flags (moetify's names): ``moe_mlp``, ``moe_query``, ``moe_key``, ``moe_value`` and
-``moe_layer_idx`` (mixed layers; null = all). In a mixed layer each flagged projection ``P``
-becomes :class:`RoutedLinear`: experts ``self_attn.P.experts.{e}.weight`` and a bias-free
-router ``self_attn.P.router.weight`` ``[E, H]`` on the projection's input; per token
-``p = softmax(router(x))`` in float32, top-k, renormalised, ``y = sum_e w_e W_e x``. The MLP
-of a mixed layer (with ``moe_mlp``) is the stock Mixtral block; every other MLP is dense
-(``mlp.gate_proj/up_proj/down_proj``). Importing this module imports torch and transformers.
+Config flags (moetify's names): ``moe_mlp``, ``moe_query``, ``moe_key``, ``moe_value``,
+``moe_output`` (o_proj; this plugin's addition) and ``moe_layer_idx`` (mixed layers; null =
+all). In a mixed layer each flagged projection ``P`` becomes :class:`RoutedLinear`: experts
+``self_attn.P.experts.{e}.weight`` and a bias-free router ``self_attn.P.router.weight``
+``[E, in]`` on the projection's input (``in`` = H, or heads x head_dim for o_proj); per
+token ``p = softmax(router(x))`` in float32, top-k, renormalised, ``y = sum_e w_e W_e x``.
+The MLP of a mixed layer (with ``moe_mlp``) is the stock Mixtral block; every other MLP is
+dense (``mlp.gate_proj/up_proj/down_proj``). Importing this module imports torch and transformers.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.activations import ACT2FN
 
 MODEL_TYPE = "mixcli_mixllama"
-PROJECTIONS = {"q_proj": "moe_query", "k_proj": "moe_key", "v_proj": "moe_value"}
+PROJECTIONS = {"q_proj": "moe_query", "k_proj": "moe_key", "v_proj": "moe_value", "o_proj": "moe_output"}
 
 
 class MixLlamaConfig(MixtralConfig):
     model_type = MODEL_TYPE
 
     def __init__(self, moe_mlp: bool = True, moe_query: bool = False, moe_key: bool = False,
-                 moe_value: bool = False, moe_layer_idx: list | None = None, **kwargs):
+                 moe_value: bool = False, moe_output: bool = False, moe_layer_idx: list | None = None, **kwargs):
         self.moe_mlp, self.moe_query, self.moe_key, self.moe_value = moe_mlp, moe_query, moe_key, moe_value
+        self.moe_output = moe_output
         self.moe_layer_idx = moe_layer_idx
         super().__init__(**kwargs)
 

@@ -39,7 +39,7 @@ class Params:
     gate_mode: str = param("hidden", help="router initialisation (see the mixcli-moe README)", choices=GATE_MODES)
     hidden_dtype: str = param("bfloat16", help="dtype of the base's forward passes for hidden/hidden_avg "
                               "(mergekit: bfloat16)", choices=("bfloat16", "float32", "float16"))
-    modules: list = param(["mlp"], help="what becomes experts: mlp, q_proj, k_proj, v_proj")
+    modules: list = param(["mlp"], help="what becomes experts: mlp, q_proj, k_proj, v_proj, o_proj")
     layers: list = param([], help="layers to mix (default all); a stock Mixtral gets the base's MLP in "
                                   "every slot elsewhere")
     stem: str = param("base", help="non-expert tensors: base, average, or a merge method name (ties, "

@@ -8,7 +8,7 @@
     num_experts = 4
     experts_per_token = 2
     gate_mode = "uniform_random"     # or "random"
-    modules = ["mlp"]                # add "q_proj", "k_proj", "v_proj" for attention experts
+    modules = ["mlp"]                # add "q_proj", "k_proj", "v_proj", "o_proj" for attention experts
 
 Every non-MLP tensor is copied; with identical experts any finite router gives the dense
 model's outputs. ``noise_scale`` adds seeded Gaussian noise to every expert (each its own
@@ -32,7 +32,7 @@ class Params:
     gate_mode: str = param("uniform_random", help="router initialisation: random (N(0,1), mergekit seed "
                            "parity) or uniform_random (U(-1/sqrt(H), 1/sqrt(H)))",
                            choices=("random", "uniform_random"))
-    modules: list = param(["mlp"], help="what becomes experts: mlp, q_proj, k_proj, v_proj")
+    modules: list = param(["mlp"], help="what becomes experts: mlp, q_proj, k_proj, v_proj, o_proj")
     layers: list = param([], help="layers to mix (default all); others keep a dense MLP / projections")
     noise_scale: float = param(0.0, help="std of the seeded Gaussian noise added to each expert's MLP", min=0.0)
     layout: str = param("", help="tensor layout: v5 (fused experts) or v4 (per expert); default: the "

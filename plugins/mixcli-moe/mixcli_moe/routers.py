@@ -2,7 +2,8 @@
 ``hidden_avg`` and ``cheap_embed``, computed as mergekit-moe defines them (see the README).
 
 Every function returns float32 routers of shape ``[L, E, H]`` (row ``e`` of layer ``l``
-belongs to expert ``e``); the caller casts to the output dtype. Prompt-based modes run the
+belongs to expert ``e``; ``[L, E, heads x head_dim]`` for o_proj routers, which read the
+attention output); the caller casts to the output dtype. Prompt-based modes run the
 *base* model only, a few prompts at a time, with no gradient.
 """
 
@@ -52,43 +53,57 @@ def _normalise(v):
     return v / torch.clamp(torch.linalg.vector_norm(v, dim=-1, keepdim=True), min=EPS)
 
 
-def prompt_states(model, tokenizer, prompts: list[str], average: bool):
-    """``[L, H]``: mean over prompts of the residual stream entering each layer, at the last
-    token (``average``: masked mean over the prompt's tokens), float32 accumulation."""
+def prompt_states(model, tokenizer, prompts: list[str], average: bool, at: str = "residual"):
+    """``[L, D]``: mean over prompts of what a router of each layer reads, at the last token
+    (``average``: masked mean over the prompt's tokens), float32 accumulation. ``at`` is
+    "residual" (the stream entering the layer; D = hidden) or "o_proj" (the attention output
+    entering o_proj; D = heads x head_dim)."""
     import torch
 
     decoder = getattr(model, model.base_model_prefix, model)
+    captured: list = []
+    hooks = []
+    if at == "o_proj":
+        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+                 for layer in decoder.layers]
     total = None
-    for start in range(0, len(prompts), CHUNK):
-        batch = encode(tokenizer, prompts[start:start + CHUNK])
-        with torch.no_grad():
-            out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=True, use_cache=False)
-        states = out.hidden_states[:-1]  # entry l enters layer l; the last is after the final layer
-        mask = batch["attention_mask"].to(torch.float32)
-        rows = []
-        for state in states:
-            state = state.to(torch.float32)
-            if average:
-                rows.append(((state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).sum(0))
-            else:
-                rows.append(state[:, -1].sum(0))
-        chunk = torch.stack(rows)
-        total = chunk if total is None else total + chunk
+    try:
+        for start in range(0, len(prompts), CHUNK):
+            batch = encode(tokenizer, prompts[start:start + CHUNK])
+            captured.clear()
+            with torch.no_grad():
+                out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=at == "residual", use_cache=False)
+            # hidden_states entry l enters layer l; the last is after the final layer
+            states = out.hidden_states[:-1] if at == "residual" else captured
+            mask = batch["attention_mask"].to(torch.float32)
+            rows = []
+            for state in states:
+                state = state.to(torch.float32)
+                if average:
+                    rows.append(((state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).sum(0))
+                else:
+                    rows.append(state[:, -1].sum(0))
+            chunk = torch.stack(rows)
+            total = chunk if total is None else total + chunk
+    finally:
+        for hook in hooks:
+            hook.remove()
     return total / len(prompts)
 
 
-def hidden_routers(model, tokenizer, positive: list[list[str]], negative: list[list[str]], average: bool):
+def hidden_routers(model, tokenizer, positive: list[list[str]], negative: list[list[str]], average: bool,
+                   at: str = "residual"):
     """``hidden`` / ``hidden_avg``: R_l[e] = normalise(m_l(P_e) - m_l(N_e))."""
     import torch
 
     rows = []
     for pos, neg in zip(positive, negative):
-        vector = prompt_states(model, tokenizer, pos, average)
+        vector = prompt_states(model, tokenizer, pos, average, at)
         if neg:
-            vector = vector - prompt_states(model, tokenizer, neg, average)
+            vector = vector - prompt_states(model, tokenizer, neg, average, at)
         rows.append(_normalise(vector))
-    return torch.stack(rows, dim=1)  # [L, E, H]
+    return torch.stack(rows, dim=1)  # [L, E, D]
 
 
 def embed_sum(embeddings, tokenizer, prompts: list[str]):
@@ -117,9 +132,10 @@ def cheap_embed_routers(embeddings, tokenizer, positive, negative, layers: int):
     return torch.stack(rows)[None].repeat(layers, 1, 1)
 
 
-def compute(mode: str, base_ckpt, positive, negative, layers: int, dtype: str):
+def compute(mode: str, base_ckpt, positive, negative, layers: int, dtype: str, o_proj: bool = False):
     """The routers of a prompt-based mode: loads the base's tokenizer (and, for the hidden
-    modes, the base model in ``dtype``, freed afterwards)."""
+    modes, the base model in ``dtype``, freed afterwards). With ``o_proj``, returns the pair
+    (residual-stream routers, o_proj routers); ``cheap_embed`` has no o_proj form."""
     import torch
     import transformers
 
@@ -131,7 +147,10 @@ def compute(mode: str, base_ckpt, positive, negative, layers: int, dtype: str):
         return routers
     model = transformers.AutoModelForCausalLM.from_pretrained(base_ckpt.path, dtype=getattr(torch, dtype)).eval()
     try:
-        return hidden_routers(model, tokenizer, positive, negative, mode == "hidden_avg")
+        routers = hidden_routers(model, tokenizer, positive, negative, mode == "hidden_avg")
+        if not o_proj:
+            return routers
+        return routers, hidden_routers(model, tokenizer, positive, negative, mode == "hidden_avg", "o_proj")
     finally:
         del model
 
