@@ -72,7 +72,8 @@ def generate(folder, ids=None):
 
 @pytest.mark.parametrize("arch, modules, experts, k", [
     ("llama", ["mlp"], 4, 2), ("mistral", ["mlp"], 3, 3),
-    ("llama", ["mlp", "q_proj", "k_proj", "v_proj"], 4, 1), ("mistral", ["k_proj"], 2, 2)])
+    ("llama", ["mlp", "q_proj", "k_proj", "v_proj"], 4, 1), ("mistral", ["k_proj"], 2, 2),
+    ("llama", ["mlp", "o_proj"], 4, 2)])
 def test_upcycled_model_reproduces_the_dense_model(tmp_path, llama_family, mistral_family, arch, modules,
                                                    experts, k):
     family = llama_family if arch == "llama" else mistral_family
@@ -87,7 +88,8 @@ def test_upcycled_model_reproduces_the_dense_model(tmp_path, llama_family, mistr
     dense, moe = tiny_models.load_tensors(family["base"]), tiny_models.load_tensors(out)
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.o_proj.weight",
                  "model.layers.2.input_layernorm.weight", "model.norm.weight"):
-        assert torch.equal(moe[name], dense[name])
+        routed = name.replace(".o_proj.", ".o_proj.experts.3.") if "o_proj" in modules else name
+        assert torch.equal(moe[routed], dense[name])
     assert all(torch.isfinite(t).all() for t in moe.values())
 
 
@@ -216,9 +218,42 @@ def test_prompt_routers_match_an_independent_computation(tmp_path, llama_family,
         assert torch.allclose(got.norm(dim=-1), torch.ones(4), atol=1e-5)
 
 
+def _independent_o_proj_inputs(folder, prompts, average):
+    """What enters o_proj, rebuilt from eager attention probabilities and v_proj by hand."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    cfg = model.config
+    rows = []
+    for prompt in prompts:
+        ids = torch.tensor([[1] + tiny_models.tokenizer()(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+            per_layer = []
+            for layer, probs in zip(model.model.layers, out.attentions):
+                state = out.hidden_states[len(per_layer)]
+                values = layer.self_attn.v_proj(layer.input_layernorm(state))  # [1, T, kv * d]
+                values = values.view(1, -1, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+                values = values.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)
+                mixed = (probs @ values).transpose(1, 2).reshape(ids.shape[1], -1)  # [T, heads * d]
+                per_layer.append(mixed.mean(0) if average else mixed[-1])
+        rows.append(torch.stack(per_layer))
+    return torch.stack(rows).mean(0)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+def test_o_proj_routers_read_the_attention_output(tmp_path, llama_family, mode):
+    project = merge_project(tmp_path, llama_family, gate_mode=mode, hidden_dtype="float32", modules=["o_proj"])
+    run("merge", project)
+    out = tiny_models.load_tensors(tmp_path / "out")
+    for e, name in enumerate(("ft1", "ft2", "ft3")):
+        vector = _independent_o_proj_inputs(llama_family["base"], PROMPTS[name], mode == "hidden_avg")
+        want = vector / vector.norm(dim=-1, keepdim=True)
+        got = torch.stack([out[f"model.layers.{layer}.self_attn.o_proj.router.weight"][e] for layer in range(4)])
+        assert torch.allclose(got, want, atol=1e-5), (mode, name, (got - want).abs().max())
+
+
 # ---------------------------------------------------------------- attention-projection experts
 
-@pytest.mark.parametrize("proj", ["q_proj", "k_proj", "v_proj"])
+@pytest.mark.parametrize("proj", ["q_proj", "k_proj", "v_proj", "o_proj"])
 def test_each_attention_projection_is_mixed_and_used(tmp_path, llama_family, proj):
     run("merge", merge_project(tmp_path, llama_family, gate_mode="hidden", modules=[proj], layers=[1, 2]))
     out = tmp_path / "out"
@@ -287,6 +322,15 @@ def test_tuning_changes_only_the_routers(tuned):
     assert len(generate(folder / "one")) == 20
 
 
+def test_top1_routing_warns_that_routers_get_no_gradient(tmp_path, llama_family):
+    project = merge_project(tmp_path, llama_family, gate_mode="random", experts_per_token=1,
+                            tune=TUNE.format(data=tune_data(tmp_path)).replace("steps = 4", "steps = 1"))
+    run("merge", project)
+    result = run("tune", project, "--no-progress")
+    assert ("warning: project.toml: [tune]: the model routes each token to 1 expert, whose renormalised weight is "
+            "always 1") in " ".join(result.output.split())
+
+
 def test_two_gloo_processes_match_one(tuned):
     folder, project = tuned
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -350,9 +394,13 @@ def test_bad_inputs_give_one_line_errors(tmp_path, llama_family):
     project = merge_project(tmp_path, llama_family, experts=("ft1", "ft2"), prompts=False)
     fails(project, "project.toml: [models.ft1]: expert 'ft1' has no positive_prompts; gate_mode 'hidden' needs prompts for "
                    "every expert (positive_prompts = [...] or prompts_file = \"...\")")
-    project = merge_project(tmp_path, llama_family, experts=("ft1",), gate_mode="random", modules=["mlp", "o_proj"])
-    fails(project, "project.toml: [method]: modules must be a non-empty subset of mlp, q_proj, k_proj, v_proj; "
-                   "'o_proj' is not one of them")
+    project = merge_project(tmp_path, llama_family, experts=("ft1",), gate_mode="random", modules=["mlp", "out_proj"])
+    fails(project, "project.toml: [method]: modules must be a non-empty subset of mlp, q_proj, k_proj, v_proj, "
+                   "o_proj; 'out_proj' is not one of them")
+    project = merge_project(tmp_path, llama_family, experts=("ft1", "ft2"), gate_mode="cheap_embed",
+                            modules=["mlp", "o_proj"])
+    fails(project, "project.toml: [method]: gate_mode 'cheap_embed' cannot initialise o_proj routers (o_proj reads "
+                   "the attention output, not token embeddings); use 'hidden' or 'random'")
     cfg = tiny_models.config("llama", 4)
     cfg.hidden_size, cfg.intermediate_size = 32, 80
     torch.manual_seed(9)

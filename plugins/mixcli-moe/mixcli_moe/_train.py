@@ -145,6 +145,12 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
     sequences = tokenize(tokenizer, rows, settings)
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
     k = model.config.num_experts_per_tok
+    if k == 1 and rank == 0:
+        from ._build import warn
+
+        warn(f"{project.where}: [tune]: the model routes each token to 1 expert, whose renormalised weight is "
+             "always 1, so the language-model loss gives the routers no gradient (only the balance term "
+             "trains them); merge with experts_per_token >= 2 to tune routing")
     trainable = select_trainable(model, settings.train_modules)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(settings.seed)).tolist()
