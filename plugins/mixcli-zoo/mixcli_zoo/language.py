@@ -5,11 +5,10 @@ which the expert tasks (reverse, sort, shift, nines' complement) appear mostly w
 inputs (1-3 characters), and only a fraction ``p_long`` of the time with the long inputs
 (4-6 characters), next to tasks it keeps (copy, length). Experts fine-tune (answer-only
 loss, small learning rate, embeddings and output head frozen) on long inputs of one task,
-which the base gets mostly wrong,
-so each task vector sharpens a skill the base half knows -- the regime in which merges
-land between the base and the experts (with ``p_long = 0`` every merge stayed at the
-base's level). Two kinds of experts: all parameters, and MLP-only (parameters whose name
-contains "mlp.").
+which the base gets mostly wrong, so each task vector sharpens a skill the base half knows
+-- the regime in which merges land between the base and the experts (with ``p_long = 0``
+every merge stayed at the base's level). Two kinds of experts: all parameters but the
+embeddings and head, and MLP-only (parameters whose name contains "mlp.").
 """
 
 from __future__ import annotations
