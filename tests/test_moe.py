@@ -251,6 +251,25 @@ def test_o_proj_routers_read_the_attention_output(tmp_path, llama_family, mode):
         assert torch.allclose(got, want, atol=1e-5), (mode, name, (got - want).abs().max())
 
 
+def test_o_proj_routers_take_the_attention_width_when_it_differs_from_hidden(tmp_path):
+    cfg = tiny_models.config("llama", 2)
+    cfg.head_dim = 8  # 4 heads x 8 = 32 wide attention output, hidden 64
+    torch.manual_seed(5)
+    narrow = tiny_models.save(transformers.LlamaForCausalLM(cfg), tmp_path / "narrow")
+    (tmp_path / "up").mkdir()
+    out = upcycle(tmp_path / "up", narrow, num_experts=2, gate_mode="uniform_random", modules=["mlp", "o_proj"])
+    tensors = tiny_models.load_tensors(out)
+    assert tensors["model.layers.1.self_attn.o_proj.router.weight"].shape == (2, 32)
+    assert tensors["model.layers.1.self_attn.o_proj.router.weight"].abs().max() <= 32 ** -0.5
+    assert (tiny_models.logits(out) - tiny_models.logits(narrow)).abs().max() <= 1e-4
+    family = {"base": narrow, "ft1": narrow, "ft2": narrow}
+    run("merge", merge_project(tmp_path, family, experts=("ft1", "ft2"), gate_mode="hidden",
+                               hidden_dtype="float32", modules=["o_proj"]))
+    routers = tiny_models.load_tensors(tmp_path / "out")["model.layers.0.self_attn.o_proj.router.weight"]
+    assert routers.shape == (2, 32) and torch.allclose(routers.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert (tiny_models.logits(tmp_path / "out") - tiny_models.logits(narrow)).abs().max() <= 1e-4
+
+
 # ---------------------------------------------------------------- attention-projection experts
 
 @pytest.mark.parametrize("proj", ["q_proj", "k_proj", "v_proj", "o_proj"])

@@ -2,7 +2,7 @@
 
 * ``moe_upcycle``: one dense Llama/Mistral becomes a Mixtral with identical experts;
 * ``moe_merge``: N fine-tuned dense models sharing a base become one Mixtral, each model's
-  MLP (and optionally q/k/v projections) one expert;
+  MLP (and optionally q/k/v/o projections) one expert;
 * ``mixcli tune PROJECT.toml``: trains the routers of the result (``[tune]`` table).
 
 Outputs with attention-projection experts use the ``mixcli_mixllama`` architecture of

@@ -114,10 +114,12 @@ def routers_for(context, recipe: Recipe, shape: tuple[int, int, int], o_proj_wid
     found = router_init.compute(mode, context.models[recipe.base], recipe.positive, recipe.negative,
                                 shape[0], recipe.hidden_dtype, o_proj=o_proj)
     residual, attention = found if o_proj else (found, None)
-    bad = router_init.degenerate_layers(residual)
-    if bad:
-        warn(f"{where}: router rows of layers {bad} are nearly parallel (condition number > 5): prompts too "
-             "similar; experts will be under-used")
+    checked = ([("", residual)] if groups else []) + ([("o_proj ", attention)] if o_proj else [])
+    for label, routers in checked:
+        bad = router_init.degenerate_layers(routers)
+        if bad:
+            warn(f"{where}: {label}router rows of layers {bad} are nearly parallel (condition number > 5): "
+                 "prompts too similar; experts will be under-used")
     routers = {group: residual for group in groups}  # the same per-layer vectors for every group
     if o_proj:
         routers["o_proj"] = attention

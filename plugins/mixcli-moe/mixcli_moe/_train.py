@@ -149,8 +149,8 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
         from ._build import warn
 
         warn(f"{project.where}: [tune]: the model routes each token to 1 expert, whose renormalised weight is "
-             "always 1, so the language-model loss gives the routers no gradient (only the balance term "
-             "trains them); merge with experts_per_token >= 2 to tune routing")
+             "always 1, so the language-model loss gives the routers no gradient (only the balance term, "
+             "if any, trains them); merge with experts_per_token >= 2 to tune routing")
     trainable = select_trainable(model, settings.train_modules)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(settings.seed)).tolist()

@@ -1,5 +1,5 @@
 """moe_merge: N fine-tuned dense models sharing a base become one Mixtral; expert i's MLP
-(and, with ``modules``, its q/k/v projections) is expert slot i (mergekit-moe semantics,
+(and, with ``modules``, its q/k/v/o projections) is expert slot i (mergekit-moe semantics,
 Branch-Train-MiX arXiv 2403.07816).
 
     [models]
