@@ -7,6 +7,19 @@ from click.testing import CliRunner
 from mixcli.cli import cli
 
 
+def assert_every_demo_project_validates(family: str, tmp_path, required: set[str]) -> None:
+    """Every ``examples/demo/<family>-*.toml`` (``required`` among them) passes `mixcli validate`
+    against the zoo built under ``tmp_path/zoo``."""
+    from mixcli_zoo.demo import find_examples, render
+
+    examples = sorted(find_examples(None).glob(f"{family}-*.toml"))
+    assert {p.stem for p in examples} >= required
+    for example in examples:
+        path = render(example, tmp_path / "zoo", tmp_path / "checked")
+        checked = CliRunner().invoke(cli, ["validate", str(path)])
+        assert checked.exit_code == 0, f"{example.name}: {checked.output}"
+
+
 def test_tiny_demo_runs_end_to_end_and_experts_beat_the_base(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--root", str(tmp_path / "zoo"), "--size", "tiny",
                                       "--families", "vision", "--only", "vision-average,vision-ties"])
@@ -19,14 +32,8 @@ def test_tiny_demo_runs_end_to_end_and_experts_beat_the_base(tmp_path):
     assert (tmp_path / "zoo" / "demo" / "results.png").stat().st_size > 1000
     assert (tmp_path / "zoo" / "demo" / "out" / "vision-ties" / "model.safetensors").is_file()
     # every vision demo project (WE-MoE family included) passes `mixcli validate` on this zoo
-    from mixcli_zoo.demo import find_examples, render
-
-    examples = sorted(find_examples(None).glob("vision-*.toml"))
-    assert {p.stem for p in examples} >= {"vision-we_moe", "vision-sparse_we_moe", "vision-rank_one_moe"}
-    for example in examples:
-        path = render(example, tmp_path / "zoo", tmp_path / "checked")
-        checked = CliRunner().invoke(cli, ["validate", str(path)])
-        assert checked.exit_code == 0, f"{example.name}: {checked.output}"
+    assert_every_demo_project_validates("vision", tmp_path, {"vision-we_moe", "vision-sparse_we_moe",
+                                                             "vision-rank_one_moe"})
 
 
 def test_tiny_language_demo_runs_and_every_language_project_validates(tmp_path):
@@ -37,14 +44,8 @@ def test_tiny_language_demo_runs_and_every_language_project_validates(tmp_path):
     assert set(rows) == {"base", "individual experts", "individual experts (MLP-only)", "average", "ties"}
     assert [t for t in rows["base"] if t != "mean"] == ["rev", "sort", "shift", "comp"]
     assert rows["individual experts"]["mean"] > rows["base"]["mean"]
-    from mixcli_zoo.demo import find_examples, render
-
-    examples = sorted(find_examples(None).glob("language-*.toml"))
-    assert {p.stem for p in examples} >= {"language-moe", "language-moe_mlp", "language-ties"}
-    for example in examples:
-        path = render(example, tmp_path / "zoo", tmp_path / "checked")
-        checked = CliRunner().invoke(cli, ["validate", str(path)])
-        assert checked.exit_code == 0, f"{example.name}: {checked.output}"
+    assert_every_demo_project_validates("language", tmp_path, {"language-moe", "language-moe_mlp",
+                                                               "language-ties"})
 
 
 def test_language_zoo_prompts_have_no_unknown_tokens_and_tasks_keep_their_characters():
