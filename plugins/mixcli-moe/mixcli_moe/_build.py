@@ -111,18 +111,19 @@ def routers_for(context, recipe: Recipe, shape: tuple[int, int, int], o_proj_wid
             routers["o_proj"] = router_init.random_draws(mode, 1, shape[0], shape[1], o_proj_width,
                                                          derive_seed(context.seed, "o_proj-router"))[0]
         return routers
+    places = (("residual",) if groups else ()) + (("o_proj",) if o_proj else ())
     found = router_init.compute(mode, context.models[recipe.base], recipe.positive, recipe.negative,
-                                shape[0], recipe.hidden_dtype, o_proj=o_proj)
-    residual, attention = found if o_proj else (found, None)
-    checked = ([("", residual)] if groups else []) + ([("o_proj ", attention)] if o_proj else [])
-    for label, routers in checked:
+                                shape[0], recipe.hidden_dtype, places)
+    for place, routers in found.items():
         bad = router_init.degenerate_layers(routers)
         if bad:
+            label = "o_proj " if place == "o_proj" else ""
             warn(f"{where}: {label}router rows of layers {bad} are nearly parallel (condition number > 5): "
                  "prompts too similar; experts will be under-used")
-    routers = {group: residual for group in groups}  # the same per-layer vectors for every group
+    # the residual-stream vectors serve every group but o_proj
+    routers = {group: found["residual"] for group in groups}
     if o_proj:
-        routers["o_proj"] = attention
+        routers["o_proj"] = found["o_proj"]
     return routers
 
 

@@ -12,7 +12,8 @@ all). In a mixed layer each flagged projection ``P`` becomes :class:`RoutedLinea
 ``[E, in]`` on the projection's input (``in`` = H, or heads x head_dim for o_proj); per
 token ``p = softmax(router(x))`` in float32, top-k, renormalised, ``y = sum_e w_e W_e x``.
 The MLP of a mixed layer (with ``moe_mlp``) is the stock Mixtral block; every other MLP is
-dense (``mlp.gate_proj/up_proj/down_proj``). Importing this module imports torch and transformers.
+dense (``mlp.gate_proj/up_proj/down_proj``). Importing this module imports torch and
+transformers.
 """
 
 from __future__ import annotations

@@ -53,57 +53,59 @@ def _normalise(v):
     return v / torch.clamp(torch.linalg.vector_norm(v, dim=-1, keepdim=True), min=EPS)
 
 
-def prompt_states(model, tokenizer, prompts: list[str], average: bool, at: str = "residual"):
-    """``[L, D]``: mean over prompts of what a router of each layer reads, at the last token
-    (``average``: masked mean over the prompt's tokens), float32 accumulation. ``at`` is
-    "residual" (the stream entering the layer; D = hidden) or "o_proj" (the attention output
-    entering o_proj; D = heads x head_dim)."""
+def prompt_states(model, tokenizer, prompts: list[str], average: bool, places: tuple = ("residual",)) -> dict:
+    """``{place: [L, D]}``: mean over prompts of what a router of each layer reads, at the last
+    token (``average``: masked mean over the prompt's tokens), float32 accumulation, from one
+    forward pass per chunk. A place is "residual" (the stream entering the layer; D = hidden)
+    or "o_proj" (the attention output entering o_proj; D = heads x head_dim)."""
     import torch
 
     decoder = getattr(model, model.base_model_prefix, model)
     captured: list = []
     hooks = []
-    if at == "o_proj":
+    if "o_proj" in places:
         hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
                  for layer in decoder.layers]
-    total = None
+    totals: dict = {}
     try:
         for start in range(0, len(prompts), CHUNK):
             batch = encode(tokenizer, prompts[start:start + CHUNK])
             captured.clear()
             with torch.no_grad():
                 out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              output_hidden_states=at == "residual", use_cache=False)
-            # hidden_states entry l enters layer l; the last is after the final layer
-            states = out.hidden_states[:-1] if at == "residual" else captured
+                              output_hidden_states="residual" in places, use_cache=False)
             mask = batch["attention_mask"].to(torch.float32)
-            rows = []
-            for state in states:
-                state = state.to(torch.float32)
-                if average:
-                    rows.append(((state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).sum(0))
-                else:
-                    rows.append(state[:, -1].sum(0))
-            chunk = torch.stack(rows)
-            total = chunk if total is None else total + chunk
+            for place in places:
+                # hidden_states entry l enters layer l; the last is after the final layer
+                states = out.hidden_states[:-1] if place == "residual" else captured
+                rows = []
+                for state in states:
+                    state = state.to(torch.float32)
+                    if average:
+                        rows.append(((state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).sum(0))
+                    else:
+                        rows.append(state[:, -1].sum(0))
+                chunk = torch.stack(rows)
+                totals[place] = chunk if place not in totals else totals[place] + chunk
     finally:
         for hook in hooks:
             hook.remove()
-    return total / len(prompts)
+    return {place: total / len(prompts) for place, total in totals.items()}
 
 
 def hidden_routers(model, tokenizer, positive: list[list[str]], negative: list[list[str]], average: bool,
-                   at: str = "residual"):
-    """``hidden`` / ``hidden_avg``: R_l[e] = normalise(m_l(P_e) - m_l(N_e))."""
+                   places: tuple = ("residual",)) -> dict:
+    """``hidden`` / ``hidden_avg``: ``{place: R}`` with R_l[e] = normalise(m_l(P_e) - m_l(N_e))."""
     import torch
 
-    rows = []
+    rows: dict = {place: [] for place in places}
     for pos, neg in zip(positive, negative):
-        vector = prompt_states(model, tokenizer, pos, average, at)
-        if neg:
-            vector = vector - prompt_states(model, tokenizer, neg, average, at)
-        rows.append(_normalise(vector))
-    return torch.stack(rows, dim=1)  # [L, E, D]
+        vectors = prompt_states(model, tokenizer, pos, average, places)
+        negatives = prompt_states(model, tokenizer, neg, average, places) if neg else {}
+        for place in places:
+            vector = vectors[place] - negatives[place] if neg else vectors[place]
+            rows[place].append(_normalise(vector))
+    return {place: torch.stack(found, dim=1) for place, found in rows.items()}  # each [L, E, D]
 
 
 def embed_sum(embeddings, tokenizer, prompts: list[str]):
@@ -132,10 +134,11 @@ def cheap_embed_routers(embeddings, tokenizer, positive, negative, layers: int):
     return torch.stack(rows)[None].repeat(layers, 1, 1)
 
 
-def compute(mode: str, base_ckpt, positive, negative, layers: int, dtype: str, o_proj: bool = False):
-    """The routers of a prompt-based mode: loads the base's tokenizer (and, for the hidden
-    modes, the base model in ``dtype``, freed afterwards). With ``o_proj``, returns the pair
-    (residual-stream routers, o_proj routers); ``cheap_embed`` has no o_proj form."""
+def compute(mode: str, base_ckpt, positive, negative, layers: int, dtype: str,
+            places: tuple = ("residual",)) -> dict:
+    """``{place: routers}`` of a prompt-based mode (places as in :func:`prompt_states`): loads
+    the base's tokenizer (and, for the hidden modes, the base model in ``dtype``, freed
+    afterwards). ``cheap_embed`` has only the residual form."""
     import torch
     import transformers
 
@@ -144,13 +147,10 @@ def compute(mode: str, base_ckpt, positive, negative, layers: int, dtype: str, o
         embeddings = base_ckpt.tensor("model.embed_tokens.weight")
         routers = cheap_embed_routers(embeddings, tokenizer, positive, negative, layers)
         base_ckpt.release("model.embed_tokens.weight")
-        return routers
+        return {"residual": routers}
     model = transformers.AutoModelForCausalLM.from_pretrained(base_ckpt.path, dtype=getattr(torch, dtype)).eval()
     try:
-        routers = hidden_routers(model, tokenizer, positive, negative, mode == "hidden_avg")
-        if not o_proj:
-            return routers
-        return routers, hidden_routers(model, tokenizer, positive, negative, mode == "hidden_avg", "o_proj")
+        return hidden_routers(model, tokenizer, positive, negative, mode == "hidden_avg", places)
     finally:
         del model
 
