@@ -103,8 +103,9 @@ ORACLE_GROUPS = {"mlp": ("mlp.",), "mlp+qkv": ("mlp.", "q_proj", "k_proj", "v_pr
                  "mlp+qkvo": ("mlp.", "self_attn.")}
 
 
-def oracle(members, base: Path, tests, groups: tuple, stem_lambda: float | None) -> dict[str, float]:
-    """Exact match of perfect routing: on task t, expert t's tensors in ``groups``, the stem elsewhere."""
+def oracle(members, base: Path, tests, groups: list[str], stem_lambda: float | None) -> dict[str, dict]:
+    """``{group: scores}`` of perfect routing: on task t, expert t's tensors in the group's
+    parameters (``ORACLE_GROUPS``), the stem elsewhere. The models are read once for all groups."""
     import torch
     import transformers
 
@@ -117,13 +118,17 @@ def oracle(members, base: Path, tests, groups: tuple, stem_lambda: float | None)
                for m in members}
     lam = stem_lambda or 0.0
     stem = {k: base_sd[k] + lam * sum(sd[k] - base_sd[k] for sd in experts.values()) for k in base_sd}
-    scores = {}
-    for task, expert in experts.items():
-        model.load_state_dict({k: expert[k] if any(g in k for g in groups) else stem[k] for k in stem})
-        data = tests[task]
-        scores[task] = em(model, tokenizer, [r["prompt"] for r in data], [r["answer"] for r in data],
-                          max_new_tokens=12, batch_size=100)
-    return scores
+    results = {}
+    for group in groups:
+        parts = ORACLE_GROUPS[group]
+        scores = {}
+        for task, expert in experts.items():
+            model.load_state_dict({k: expert[k] if any(p in k for p in parts) else stem[k] for k in stem})
+            data = tests[task]
+            scores[task] = em(model, tokenizer, [r["prompt"] for r in data], [r["answer"] for r in data],
+                              max_new_tokens=12, batch_size=100)
+        results[group] = scores
+    return results
 
 
 def main() -> None:
@@ -191,9 +196,8 @@ def main() -> None:
         for index, (label, mode, modules, tuning) in enumerate(variants):
             record(kind, f"MoE: {label}", moe(kwork, f"moe{index}", members, base, prompts, gate_mode=mode,
                                               modules=modules, tune=tuning, stem_lambda=args.stem_lambda))
-        for group in groups:
-            record(kind, f"oracle routing: {group}", None,
-                   oracle(members, base, tests, ORACLE_GROUPS[group], args.stem_lambda))
+        for group, scores in oracle(members, base, tests, groups, args.stem_lambda).items():
+            record(kind, f"oracle routing: {group}", None, scores)
     print(f"\n| experts | model | {' | '.join(tasks)} | mean |\n|---|---|{'---|' * len(tasks)}---|")
     for kind, label, scores, mean in table:
         print(f"| {kind} | {label} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks) + f" | {mean:.3f} |")
