@@ -8,7 +8,7 @@ from mixcli import MergeMethod, MixcliError, param
 
 from ._torch import torch
 from .generalized import per_model
-from .sparsify import chunks
+from .sparsify import CHUNK, chunks
 
 
 @dataclasses.dataclass
@@ -37,13 +37,19 @@ def linear(tensors, base=None, *, weight, normalize=True):
     flats = [t.reshape(-1) for t in tensors]
     out = torch.empty(first.shape, dtype=first.dtype)
     flat_out = out.view(-1)
+    # two chunk buffers reused throughout: a fresh allocation per chunk, and the implicit
+    # float32 copy that a mixed-dtype addcmul_ makes, cost as much as the arithmetic
+    part_buffer = torch.empty(min(CHUNK, flat_out.numel()), dtype=acc)
+    wide_buffer = torch.empty_like(part_buffer)
     for a, b in chunks(flat_out.numel()):
-        part = torch.zeros(b - a, dtype=acc)
+        part, wide = part_buffer[:b - a], wide_buffer[:b - a]
+        part.zero_()
         for x, c in zip(flats, coefficients):
-            part.addcmul_(x[a:b], c)
+            wide.copy_(x[a:b])
+            part.addcmul_(wide, c)
         if normalize:
             part.div_(total)
-        flat_out[a:b] = part
+        flat_out[a:b].copy_(part)
     return out
 
 
