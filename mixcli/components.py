@@ -39,6 +39,9 @@ class MergeMethod:
     # called at planning time with one tensor's resolved parameters (as ``merge`` gets them,
     # without tensors); raises MixcliError for values that cannot work, e.g. weights summing to 0
     check: Callable[..., None] | None = None
+    # ``merge`` takes ``out=``, a tensor of the result's shape and the inputs' dtype, fills it
+    # and returns it: the engine then computes straight into the output file
+    accepts_out: bool = False
     kind: str = "merge"
 
     @property

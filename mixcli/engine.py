@@ -161,9 +161,12 @@ def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) 
     def work(tensor):
         cost = budget.acquire(working_bytes(tensor))
         try:
-            result = tensor.compute()
-            writer.write(tensor.name, result)
-            del result
+            if tensor.fill is not None and writer.mapped(tensor.name):
+                with writer.destination(tensor.name) as target:
+                    tensor.fill(target)
+                    del target
+            else:
+                writer.write(tensor.name, tensor.compute())
             for ckpt, name in tensor.reads:
                 ckpt.release(name)
         finally:

@@ -31,6 +31,9 @@ class OutputTensor:
     compute: Callable[[], Any]
     reads: list[tuple[Checkpoint, str]] = field(default_factory=list)
     details: dict = field(default_factory=dict)  # resolved parameters, for --dry-run and the card
+    # optional: computes the tensor into a given one of this shape and dtype, in place; the
+    # engine then hands it the output file's own bytes, saving a result buffer and a copy
+    fill: Callable[[Any], None] | None = None
 
     @property
     def nbytes(self) -> int:

@@ -8,10 +8,12 @@ the data.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import mmap
-import sys
 import os
+import sys
 import struct
 from dataclasses import dataclass
 from math import prod
@@ -178,9 +180,25 @@ def parse_size(text: str | int, where: str) -> int:
     raise MixcliError(f"{where}: cannot read size {text!r}; write it like \"2GB\" or \"500MB\"")
 
 
-def _reserve(fd: int, size: int) -> None:
-    """Size the shard now (sparse: blocks are taken as tensors land; free space was checked)."""
-    os.ftruncate(fd, size)
+def _reserve(fd: int, start: int, size: int) -> bool:
+    """Size the shard and allocate its data blocks now; True when the blocks are allocated.
+
+    Allocated blocks let tensors be written through a shared memory map: no write can then
+    run out of space (which would be a SIGBUS, not an error), and both cores copy into the
+    page cache at once, where ``pwrite`` calls on one file queue on its inode lock. Running
+    out of space here raises ENOSPC; a file system that cannot allocate ahead falls back to
+    a sparse file written with ``pwrite``.
+    """
+    os.ftruncate(fd, start + size)
+    if size == 0 or not hasattr(os, "posix_fallocate"):
+        return False
+    try:
+        os.posix_fallocate(fd, start, size)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        return False
+    return True
 
 
 class ShardedWriter:
@@ -188,7 +206,9 @@ class ShardedWriter:
 
     All shapes are known up front, so each shard's header and every tensor's offset are
     fixed before any data is written; tensors can then be written in any order, from any
-    thread, straight to disk (``os.pwrite``) without buffering a shard in memory.
+    thread, straight to the file without buffering a shard in memory: computed tensors with
+    ``os.pwrite`` (:meth:`write`), or computed in place in the file's own bytes
+    (:meth:`destination`).
     """
 
     def __init__(self, folder: Path, tensors: list[tuple[str, str, tuple[int, ...]]], shard_size: int,
@@ -208,6 +228,8 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
         self._fds: list[int] = []
+        self._layout: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype code, shape)
+        self._mappable: set[int] = set()  # shards whose blocks are allocated
         self.files: list[Path] = []
         for index, members in enumerate(shards):
             filename = "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
@@ -220,26 +242,73 @@ class ShardedWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
             path = self.folder / filename
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
             self.files.append(path)
             os.write(fd, struct.pack("<Q", len(raw)) + raw)
             data_start = 8 + len(raw)
-            _reserve(fd, data_start + offset)
+            if _reserve(fd, data_start, offset):
+                self._mappable.add(fd)
             for name, code, shape in members:
                 begin, end = header[name]["data_offsets"]
                 self._where[name] = (fd, data_start + begin, end - begin)
+                self._layout[name] = (code, tuple(shape))
                 self.weight_map[name] = filename
                 self.total_size += end - begin
 
-    def write(self, name: str, tensor) -> None:
+    def mapped(self, name: str) -> bool:
+        """Whether :meth:`destination` hands out the file's own bytes for ``name``."""
+        fd, _, nbytes = self._where[name]
+        return nbytes > 0 and fd in self._mappable
+
+    @contextlib.contextmanager
+    def destination(self, name: str):
+        """A tensor of ``name``'s planned dtype and shape to fill in place; its bytes are in
+        the output file once the block exits without an error.
+
+        On a shard whose blocks are allocated this is a shared memory map of just this
+        tensor's bytes, so the result is computed straight into the page cache with no copy.
+        The map goes away with the last view of the tensor (its dirty pages stay in the page
+        cache), so drop every reference after the block to keep resident memory at a few
+        tensors. Elsewhere it is a temporary tensor, written with ``pwrite`` on exit.
+        """
         import torch
 
         fd, offset, nbytes = self._where[name]
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel() != nbytes:
-            raise RuntimeError(f"tensor '{name}' has {data.numel()} bytes, {nbytes} were planned")
-        view = memoryview(data.numpy())
+        code, shape = self._layout[name]
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        window = None
+        if self.mapped(name):
+            try:
+                window = mmap.mmap(fd, offset + nbytes - start, offset=start)
+            except OSError:  # a file system without shared writable maps
+                self._mappable.discard(fd)
+        if window is None:
+            staging = torch.empty(shape, dtype=torch_dtype(code))
+            yield staging
+            self._pwrite(fd, offset, staging)
+            return
+        raw = torch.frombuffer(window, dtype=torch.uint8, count=nbytes, offset=offset - start)
+        del window  # the tensor holds the map now: it is unmapped when its last view is freed
+        target = raw.view(torch_dtype(code)).view(shape)
+        del raw
+        yield target
+
+    def write(self, name: str, tensor) -> None:
+        """Write a computed tensor (any device; it must have the planned size in bytes)."""
+        fd, offset, nbytes = self._where[name]
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel() * data.element_size() != nbytes:
+            raise RuntimeError(f"tensor '{name}' has {data.numel() * data.element_size()} bytes, "
+                               f"{nbytes} were planned")
+        # pwrite, not a map: mapping the bytes too would hold the tensor in memory twice
+        self._pwrite(fd, offset, data)
+
+    @staticmethod
+    def _pwrite(fd: int, offset: int, tensor) -> None:
+        import torch
+
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         while view:
             written = os.pwrite(fd, view, offset)
             view = view[written:]

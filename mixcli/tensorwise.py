@@ -93,6 +93,14 @@ class _Planner:
         self.specs = method.param_specs
         self.compute_dtype = project.compute_dtype
 
+    def working_code(self, infos) -> str:
+        """The dtype the method computes in (as :class:`_Compute` sets it), as a code."""
+        if self.compute_dtype:
+            return _code(self.compute_dtype)
+        if self.project.dtype:
+            return _code(self.project.dtype)
+        return _promote([info.dtype for info in infos])
+
     def group(self, piece: _Slice, out_name: str, in_names: list[str], position: float) -> OutputTensor:
         method, project = self.method, self.project
         members = [(s, _member_name(s, n, out_name)) for s, n in zip(piece.sources, in_names)]
@@ -143,12 +151,14 @@ class _Planner:
         reads = [(s.ckpt, n) for s, n in members]
         compute = _Compute(self, out_name, reads, base_index, others, shared, per_model, seed, out_code,
                            floating == {True})
+        fills = floating == {True} and method.accepts_out and self.working_code(infos) == out_code
         details = {k: v for k, v in shared.items()}
         details.update({k: v for k, v in per_model.items()})
         details["models"] = [members[i][0].model for i in others]
         if base_index is not None:
             details["base"] = members[base_index][0].model
-        return OutputTensor(out_name, infos[0].shape, out_code, compute, reads, details)
+        return OutputTensor(out_name, infos[0].shape, out_code, compute, reads, details,
+                            fill=compute.fill if fills else None)
 
 
 def _code(name: str) -> str:
@@ -178,6 +188,13 @@ class _Compute:
             shared, per_model, seed, out_code, floating
 
     def __call__(self):
+        return self._run(None)
+
+    def fill(self, target) -> None:
+        """Compute into ``target``, a tensor of the output's shape and dtype."""
+        self._run(target)
+
+    def _run(self, target):
         import torch
 
         tensors = [ckpt.tensor(name) for ckpt, name in self.reads]
@@ -186,26 +203,33 @@ class _Compute:
                 if not torch.equal(tensor, tensors[0]):
                     raise MixcliError(f"tensor '{self.name}': integer tensor differs between models "
                                       f"('{self.reads[0][0].name}' and '{ckpt.name}'); it cannot be merged")
-            return tensors[0]
-        if self.load_dtype:
-            tensors = [t.to(getattr(torch, self.load_dtype)) for t in tensors]
-        working = reduce(torch.promote_types, (t.dtype for t in tensors))
-        if self.compute_dtype:
-            working = getattr(torch, self.compute_dtype)
-        tensors = [t.to(working) for t in tensors]
-        kwargs = dict(self.shared)
-        kwargs.update(self.per_model)
-        if self.seed is not None:
-            kwargs["seed"] = self.seed
-        base = tensors[self.base_index] if self.base_index is not None else None
-        try:
-            result = self.method.merge([tensors[i] for i in self.others], base, **kwargs)
-        except MixcliError as error:
-            raise MixcliError(f"tensor '{self.name}': {error}") from None
-        if tuple(result.shape) != tuple(tensors[0].shape):
-            raise RuntimeError(f"method '{self.method.name}' returned shape {list(result.shape)} for "
-                               f"'{self.name}', expected {list(tensors[0].shape)}")
-        return result.to(torch_dtype(self.out_code))
+            result = tensors[0]
+        else:
+            if self.load_dtype:
+                tensors = [t.to(getattr(torch, self.load_dtype)) for t in tensors]
+            working = reduce(torch.promote_types, (t.dtype for t in tensors))
+            if self.compute_dtype:
+                working = getattr(torch, self.compute_dtype)
+            tensors = [t.to(working) for t in tensors]
+            kwargs = dict(self.shared)
+            kwargs.update(self.per_model)
+            if self.seed is not None:
+                kwargs["seed"] = self.seed
+            if target is not None and self.method.accepts_out and target.dtype == working:
+                kwargs["out"] = target  # computed straight into the output file
+            base = tensors[self.base_index] if self.base_index is not None else None
+            try:
+                result = self.method.merge([tensors[i] for i in self.others], base, **kwargs)
+            except MixcliError as error:
+                raise MixcliError(f"tensor '{self.name}': {error}") from None
+            if tuple(result.shape) != tuple(tensors[0].shape):
+                raise RuntimeError(f"method '{self.method.name}' returned shape {list(result.shape)} for "
+                                   f"'{self.name}', expected {list(tensors[0].shape)}")
+        if target is None:
+            return result.to(torch_dtype(self.out_code))
+        if result is not target:
+            target.copy_(result)
+        return target
 
 
 def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoint]) -> OutputPlan:

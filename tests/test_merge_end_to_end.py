@@ -1,7 +1,9 @@
 """Whole merges through the CLI on tiny seeded models: the engine's output equals the method's
 pure function applied to the input tensors, loads with stock transformers and gives finite logits."""
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -28,6 +30,10 @@ METHODS = {
 }
 
 
+def unsupported_allocation(fd, offset, length):
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+
 def merge(project, *args):
     result = CliRunner().invoke(cli, ["merge", str(project), *map(str, args)])
     assert result.exit_code == 0, result.output
@@ -43,8 +49,11 @@ def expected_tensor(method_name, name, family, models, base, params, seed=0):
     return method.merge([tensors[m] for m in models], tensors[base] if base else None, **kwargs)
 
 
+@pytest.mark.parametrize("writer", ["mapped", "pwrite"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_method_output_equals_its_pure_function_and_loads(method, tmp_path, llama_family):
+def test_method_output_equals_its_pure_function_and_loads(method, writer, tmp_path, llama_family, monkeypatch):
+    if writer == "pwrite":  # a file system that cannot allocate blocks ahead
+        monkeypatch.setattr(os, "posix_fallocate", unsupported_allocation)
     base_line, params = METHODS[method]
     models = f'base = "{llama_family["base"]}"\nft1 = "{llama_family["ft1"]}"\nft2 = "{llama_family["ft2"]}"'
     if method == "linear":
@@ -349,3 +358,31 @@ path = "out"
     for fragment in ("ties", "tensors", "39", "output size", "expected peak memory", "density"):
         assert fragment in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, output_dtype, in_place", [
+    ("linear", "", True), ("ties", "", True),
+    ("linear", 'dtype = "float32"', False),  # computed in bf16, widened on the way out
+    ("slerp", "", False),  # slerp returns a new tensor
+])
+def test_in_place_computation_is_planned_only_where_it_applies(tmp_path, llama_bf16_family, method,
+                                                               output_dtype, in_place):
+    from mixcli.core import prepare
+
+    project = write_project(tmp_path, f"""
+[models]
+base = "{llama_bf16_family['base']}"
+a = "{llama_bf16_family['ft1']}"
+[method]
+name = "{method}"
+base = "base"
+{"t = 0.5" if method == "slerp" else "weight = 0.5"}
+[output]
+path = "out"
+{output_dtype}
+""")
+    tensors = prepare(project).plan.tensors
+    assert {t.fill is not None for t in tensors} == {in_place}
+    merge(project)
+    want = "torch.float32" if output_dtype else "torch.bfloat16"
+    assert {str(t.dtype) for t in tiny_models.load_tensors(tmp_path / "out").values()} == {want}

@@ -177,7 +177,22 @@ def test_no_space_left_is_caught_before_writing(tmp_path, llama_family, monkeypa
     assert_nothing_written(tmp_path)
 
 
+def test_running_out_of_space_when_allocating_leaves_nothing(tmp_path, llama_family, monkeypatch):
+    def full_disk(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    assert_one_line_error(run("merge", ties_project(tmp_path, llama_family)),
+                          "no space left on the device while writing", "nothing was written")
+    assert_nothing_written(tmp_path)
+
+
 def test_running_out_of_space_while_writing_leaves_nothing(tmp_path, llama_family, monkeypatch):
+    # a file system that cannot allocate ahead: tensors go out with pwrite, which fails midway
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
     real = os.pwrite
     calls = []
 

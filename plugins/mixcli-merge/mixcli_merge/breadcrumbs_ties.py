@@ -17,7 +17,7 @@ class Params(TaskArithmeticParams):
 
 
 def breadcrumbs_ties(tensors, base, *, weight, density=1.0, gamma=0.01, lambda_=1.0,
-                     normalize=False, rescale=False, int8_mask=False):
+                     normalize=False, rescale=False, int8_mask=False, out=None):
     """Breadcrumbs pruning (small and outlier entries dropped), then TIES sign election and
     the sum of agreeing weighted deltas."""
     n = len(tensors)
@@ -28,7 +28,7 @@ def breadcrumbs_ties(tensors, base, *, weight, density=1.0, gamma=0.01, lambda_=
         sparsify=(lambda i, d: sparsify.magnitude_outliers(d, densities[i], gammas[i], True))
         if rescale else None,
         select=None if rescale else (
-            lambda i, src: sparsify.outlier_selection(src, densities[i], gammas[i])))
+            lambda i, src: sparsify.outlier_selection(src, densities[i], gammas[i])), out=out)
 
 
 METHOD = MergeMethod(
@@ -38,4 +38,5 @@ METHOD = MergeMethod(
     params=Params,
     base="required",
     min_inputs=1,
+    accepts_out=True,
 )

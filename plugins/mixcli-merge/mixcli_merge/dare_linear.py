@@ -17,13 +17,14 @@ class Params(TaskArithmeticParams):
 
 
 def dare_linear(tensors, base, *, weight, seed, density=1.0, lambda_=1.0, normalize=False,
-                rescale=True, int8_mask=False):
+                rescale=True, int8_mask=False, out=None):
     """DARE: drop task-vector entries at random (keep probability ``density``), optionally
     restore each vector's L1 norm, and add the weighted sum to the base."""
     densities = per_model(density, len(tensors), "density")
     return merge_task_vectors(
         tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False,
-        select=lambda i, source: sparsify.bernoulli_selection(source, densities[i], generator(seed, i), rescale))
+        select=lambda i, source: sparsify.bernoulli_selection(source, densities[i], generator(seed, i), rescale),
+        out=out)
 
 
 METHOD = MergeMethod(
@@ -34,4 +35,5 @@ METHOD = MergeMethod(
     base="required",
     min_inputs=1,
     random=True,
+    accepts_out=True,
 )

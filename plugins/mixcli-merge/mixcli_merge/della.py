@@ -20,7 +20,7 @@ class Params(TaskArithmeticParams):
 
 
 def della(tensors, base, *, weight, seed, density=1.0, epsilon=0.15, lambda_=1.0,
-          normalize=True, rescale=True, int8_mask=False):
+          normalize=True, rescale=True, int8_mask=False, out=None):
     """DELLA: per row, keep entries at random with probability rising with magnitude rank
     (``density - epsilon`` .. ``density + epsilon``), then elect signs and average.
 
@@ -33,7 +33,7 @@ def della(tensors, base, *, weight, seed, density=1.0, epsilon=0.15, lambda_=1.0
     return merge_task_vectors(
         tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True,
         sparsify=lambda i, d: sparsify.della(d, densities[i], epsilons[i], generator(seed, i),
-                                             rescale))
+                                             rescale), out=out)
 
 
 METHOD = MergeMethod(
@@ -44,4 +44,5 @@ METHOD = MergeMethod(
     base="required",
     min_inputs=1,
     random=True,
+    accepts_out=True,
 )

@@ -19,7 +19,7 @@ class Params(TaskArithmeticParams):
 
 
 def della_linear(tensors, base, *, weight, seed, density=1.0, epsilon=0.15, lambda_=1.0,
-                 normalize=False, rescale=True, int8_mask=False):
+                 normalize=False, rescale=True, int8_mask=False, out=None):
     """DELLA pruning (per-row, magnitude-ranked keep probabilities) then the weighted sum.
 
     Same validity rules and length-1-row treatment as ``della``.
@@ -29,7 +29,7 @@ def della_linear(tensors, base, *, weight, seed, density=1.0, epsilon=0.15, lamb
     return merge_task_vectors(
         tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False,
         sparsify=lambda i, d: sparsify.della(d, densities[i], epsilons[i], generator(seed, i),
-                                             rescale))
+                                             rescale), out=out)
 
 
 METHOD = MergeMethod(
@@ -40,4 +40,5 @@ METHOD = MergeMethod(
     base="required",
     min_inputs=1,
     random=True,
+    accepts_out=True,
 )

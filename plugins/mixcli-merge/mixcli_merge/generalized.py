@@ -51,6 +51,7 @@ def merge_task_vectors(
     consensus: bool,
     sparsify: Callable | None = None,
     select: Callable | None = None,
+    out=None,
 ):
     """``base + lambda * combine_i(weight_i * prune_i(tensors_i - base))``.
 
@@ -66,7 +67,7 @@ def merge_task_vectors(
     if base is None:
         raise MixcliError("this merge method needs a base model")
     if not tensors:
-        return base
+        return base if out is None else out.copy_(base)
     n = len(tensors)
     weights = per_model(weight, n, "weight")
     dtype = base.dtype
@@ -90,7 +91,8 @@ def merge_task_vectors(
             divisor = torch.ones((), dtype=dtype)
 
     flat_base = base.reshape(-1)
-    out = torch.empty(base.shape, dtype=dtype)
+    if out is None:
+        out = torch.empty(base.shape, dtype=dtype)
     flat_out = out.view(-1)
     for c, (a, b) in enumerate(chunks(flat_out.numel())):
         parts = []

@@ -17,7 +17,7 @@ class Params:
     normalize: bool = param(True, help="divide the weighted sum by the sum of the weights")
 
 
-def linear(tensors, base=None, *, weight, normalize=True):
+def linear(tensors, base=None, *, weight, normalize=True, out=None):
     """``sum_i w_i X_i / sum_i w_i`` (no division without ``normalize``).
 
     Accumulates ``w_i * X_i`` in float32 (float64 for float64 inputs) in input order, as
@@ -35,7 +35,8 @@ def linear(tensors, base=None, *, weight, normalize=True):
                           "change the weights or set normalize = false")
     coefficients = list(weights.unbind())
     flats = [t.reshape(-1) for t in tensors]
-    out = torch.empty(first.shape, dtype=first.dtype)
+    if out is None:
+        out = torch.empty(first.shape, dtype=first.dtype)
     flat_out = out.view(-1)
     # two chunk buffers reused throughout: a fresh allocation per chunk, and the implicit
     # float32 copy that a mixed-dtype addcmul_ makes, cost as much as the arithmetic
@@ -68,4 +69,5 @@ METHOD = MergeMethod(
     base="ignored",
     min_inputs=1,
     check=check,
+    accepts_out=True,
 )

@@ -17,10 +17,10 @@ class Params(TaskArithmeticParams):
 
 
 def task_arithmetic(tensors, base, *, weight, density=1.0, lambda_=1.0, normalize=False,
-                    rescale=False, int8_mask=False):
+                    rescale=False, int8_mask=False, out=None):
     """``base + lambda * sum_i w_i delta_i`` (divided by ``sum_i w_i`` with ``normalize``)."""
     return merge_task_vectors(tensors, base, weight=weight, lambda_=lambda_,
-                              normalize=normalize, consensus=False)
+                              normalize=normalize, consensus=False, out=out)
 
 
 METHOD = MergeMethod(
@@ -30,4 +30,5 @@ METHOD = MergeMethod(
     params=Params,
     base="required",
     min_inputs=1,
+    accepts_out=True,
 )

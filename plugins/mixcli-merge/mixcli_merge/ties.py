@@ -16,7 +16,7 @@ class Params(TaskArithmeticParams):
 
 
 def ties(tensors, base, *, weight, density=1.0, lambda_=1.0, normalize=True, rescale=False,
-         int8_mask=False):
+         int8_mask=False, out=None):
     """TIES: keep each task vector's top ``density`` fraction by magnitude, elect the sign of
     the weighted sum per element, and average the agreeing weighted deltas."""
     densities = per_model(density, len(tensors), "density")
@@ -24,7 +24,8 @@ def ties(tensors, base, *, weight, density=1.0, lambda_=1.0, normalize=True, res
         tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True,
         # rescaling needs whole-tensor L1 norms, so it prunes eagerly; otherwise lazily by chunk
         sparsify=(lambda i, d: sparsify.magnitude(d, densities[i], True)) if rescale else None,
-        select=None if rescale else (lambda i, src: sparsify.magnitude_selection(src, densities[i])))
+        select=None if rescale else (lambda i, src: sparsify.magnitude_selection(src, densities[i])),
+        out=out)
 
 
 METHOD = MergeMethod(
@@ -34,4 +35,5 @@ METHOD = MergeMethod(
     params=Params,
     base="required",
     min_inputs=1,
+    accepts_out=True,
 )
