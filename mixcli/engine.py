@@ -4,6 +4,7 @@ sharded safetensors in a temporary folder beside the target, renamed into place 
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import shutil
@@ -105,6 +106,9 @@ def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force:
     try:
         # one tensor per core: elementwise merges scale better across tensors than inside one
         torch.set_num_threads(1 if workers > 1 else threads)
+        # what is alive now (the libraries, the plan) lives to the end: spare the collector
+        # from rescanning it while the tensors' short-lived objects come and go
+        gc.freeze()
         for name, one in plans.items():
             folder = scratch / name
             folder.mkdir(exist_ok=True)
@@ -126,6 +130,7 @@ def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force:
         _discard(writer, scratch)
         raise
     finally:
+        gc.unfreeze()
         torch.set_num_threads(threads)
     return target
 
