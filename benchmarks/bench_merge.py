@@ -6,7 +6,7 @@ Builds (once, seeded) three Llama-layout models -- hidden 2048, intermediate 563
 page cache warm, printing wall seconds, peak RSS (heap and mapped file pages apart) and the
 input read rate.
 
-    python benchmarks/bench_merge.py [--root .bench] [--only linear,ties] [--workers N]
+    python benchmarks/bench_merge.py [--root .bench] [--only linear,ties] [--workers N] [--repeat N]
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(".bench"))
     parser.add_argument("--only", default=",".join(RECIPES))
     parser.add_argument("--workers", type=int)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per method; the table shows each")
     args = parser.parse_args()
     root = args.root.absolute()
     build(root)
@@ -154,22 +155,26 @@ def main() -> None:
         recipe = RECIPES[method].format()
         project = root / f"{method}.toml"
         project.write_text(recipe + f'[output]\npath = "out-{method}"\nshard_size = "2GB"\ncopy_tokenizer = false\n')
-        for folder in ("base", "ft1", "ft2"):  # warm page cache, as in the mergekit measurements
-            for shard in (root / folder).glob("*.safetensors"):
-                with open(shard, "rb") as f:
-                    while f.read(1 << 24):
-                        pass
-        # deleting the previous run's output is not part of a merge: do it, and flush it, untimed
-        shutil.rmtree(root / f"out-{method}", ignore_errors=True)
-        os.sync()
-        command = [sys.executable, "-m", "mixcli", "merge", str(project), "--no-progress"]
-        if args.workers:
-            command += ["--workers", str(args.workers)]
-        result = measure(command, root)
-        read = sum(size for name, size in inputs.items() if name in recipe)
-        print(f"{method:<10} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
-              f"{result['peak_file_mib']:>14.0f} {read / 1e9 / result['wall_s']:>11.2f}", flush=True)
+        for _ in range(args.repeat):
+            result = run_once(root, method, project, args.workers)
+            read = sum(size for name, size in inputs.items() if name in recipe)
+            print(f"{method:<10} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
+                  f"{result['peak_file_mib']:>14.0f} {read / 1e9 / result['wall_s']:>11.2f}", flush=True)
 
+
+def run_once(root: Path, method: str, project: Path, workers: int | None) -> dict:
+    for folder in ("base", "ft1", "ft2"):  # warm page cache, as in the mergekit measurements
+        for shard in (root / folder).glob("*.safetensors"):
+            with open(shard, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+    # deleting the previous run's output is not part of a merge: do it, and flush it, untimed
+    shutil.rmtree(root / f"out-{method}", ignore_errors=True)
+    os.sync()
+    command = [sys.executable, "-m", "mixcli", "merge", str(project), "--no-progress"]
+    if workers:
+        command += ["--workers", str(workers)]
+    return measure(command, root)
 
 if __name__ == "__main__":
     main()
