@@ -112,9 +112,13 @@ def top_cuts(source: Source, ks: list) -> list:
     ks = [min(max(k, 0), n) for k in ks]
     cuts = []
     if _is16(dtype):
-        per_chunk = [torch.bincount(_keys(source.chunk(a, b)), minlength=1 << 15)
-                     for a, b in chunks(n)]
-        desc = torch.stack(per_chunk).sum(0).flip(0)  # desc[j]: entries with key 32767 - j
+        bounds = list(chunks(n))
+        # one row per chunk, int32 (a chunk has at most CHUNK entries): half the memory of
+        # bincount's int64, which for an embedding matrix is 64 MB per model
+        per_chunk = torch.empty(len(bounds), 1 << 15, dtype=torch.int32)
+        for row, (a, b) in zip(per_chunk, bounds):
+            row.copy_(torch.bincount(_keys(source.chunk(a, b)), minlength=1 << 15))
+        desc = per_chunk.sum(0, dtype=torch.int64).flip(0)  # desc[j]: entries with key 32767 - j
         at_least = desc.cumsum(0)
         for k in ks:
             if k == 0:
@@ -123,7 +127,7 @@ def top_cuts(source: Source, ks: list) -> list:
             j = int(torch.searchsorted(at_least, k))  # first key from the top reaching k
             tau = (1 << 15) - 1 - j
             greater = int(at_least[j - 1]) if j > 0 else 0
-            cuts.append(_TopK(k, dtype, tau, greater, [int(h[tau]) for h in per_chunk]))
+            cuts.append(_TopK(k, dtype, tau, greater, per_chunk[:, tau].tolist()))
         return cuts
     mag = source.full().abs()
     for k in ks:
