@@ -88,8 +88,6 @@ def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force:
     A dict of plans (a method with several output models) writes each into the subfolder
     named by its key; the whole set appears at once or not at all.
     """
-    import torch
-
     target = Path(target).absolute()
     check_target(target, force)
     parent = target.parent
@@ -101,42 +99,76 @@ def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force:
     _check_space(parent, sum(p.output_bytes for p in plans.values()), target)
     workers = workers or default_workers()
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    writer = None
-    threads = torch.get_num_threads()
+    writers: list[ShardedWriter] = []
+    warmer = None
+    threads = None
     try:
+        for name, one in plans.items():
+            folder = scratch / name
+            folder.mkdir(exist_ok=True)
+            writers.append(ShardedWriter(folder, [(t.name, t.dtype, t.shape) for t in one.tensors],
+                                         shard_size, metadata={"mixcli_version": __version__}))
+        # importing torch keeps one core busy for seconds: meanwhile another prepares the
+        # output's page cache, which the merge would otherwise do in its page faults
+        warmer = _Warmer(writers[0])
+        import torch
+
+        threads = torch.get_num_threads()
         # one tensor per core: elementwise merges scale better across tensors than inside one
         torch.set_num_threads(1 if workers > 1 else threads)
         # what is alive now (the libraries, the plan) lives to the end: spare the collector
         # from rescanning it while the tensors' short-lived objects come and go
         gc.freeze()
-        for name, one in plans.items():
-            folder = scratch / name
-            folder.mkdir(exist_ok=True)
-            writer = ShardedWriter(folder, [(t.name, t.dtype, t.shape) for t in one.tensors], shard_size,
-                                   metadata={"mixcli_version": __version__})
+        for (name, one), writer in zip(plans.items(), writers):
             _run(one, writer, workers, progress)
+            warmer.stop()
             writer.close()
-            _write_files(one, folder, card, recipe, copy_tokenizer)
+            _write_files(one, scratch / name, card, recipe, copy_tokenizer)
             if one.finalize is not None:
-                one.finalize(folder)
+                one.finalize(scratch / name)
         _replace(scratch, target)
     except OSError as error:
-        _discard(writer, scratch)
+        _discard(warmer, writers, scratch)
         if error.errno == errno.ENOSPC:
             raise MixcliError(f"no space left on the device while writing {target}; nothing was "
                               "written: free some space or choose another output path") from None
         raise
     except BaseException:
-        _discard(writer, scratch)
+        _discard(warmer, writers, scratch)
         raise
     finally:
         gc.unfreeze()
-        torch.set_num_threads(threads)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     return target
 
 
-def _discard(writer, scratch: Path) -> None:
-    if writer is not None:
+WARM_AHEAD = 2 * 2**30  # bytes of output page cache prepared ahead, at most
+
+
+class _Warmer:
+    """Reads, from a background thread, the first WARM_AHEAD bytes of the output. The blocks
+    are allocated but unwritten, so this reads no disk: it fills the page cache with zeroed
+    pages, which the tensors are then written into without faulting new memory in. Bounded,
+    so that a large output cannot push the inputs out of the cache."""
+
+    def __init__(self, writer: ShardedWriter):
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=writer.warm, args=(WARM_AHEAD, self._stopping),
+                                        name="mixcli-warm", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+
+def _discard(warmer, writers: list[ShardedWriter], scratch: Path) -> None:
+    if warmer is not None:
+        warmer.stop()
+    for writer in writers:
         try:
             writer.close()
         except OSError:

@@ -230,6 +230,7 @@ class ShardedWriter:
         self._fds: list[int] = []
         self._layout: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype code, shape)
         self._mappable: set[int] = set()  # shards whose blocks are allocated
+        self._extent: dict[int, tuple[int, int]] = {}  # fd -> (first, end) byte of its data
         self.files: list[Path] = []
         for index, members in enumerate(shards):
             filename = "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
@@ -249,6 +250,7 @@ class ShardedWriter:
             data_start = 8 + len(raw)
             if _reserve(fd, data_start, offset):
                 self._mappable.add(fd)
+            self._extent[fd] = (data_start, data_start + offset)
             for name, code, shape in members:
                 begin, end = header[name]["data_offsets"]
                 self._where[name] = (fd, data_start + begin, end - begin)
@@ -313,6 +315,27 @@ class ShardedWriter:
             written = os.pwrite(fd, view, offset)
             view = view[written:]
             offset += written
+
+    def warm(self, limit: int, stopping) -> None:
+        """Bring up to ``limit`` bytes of the allocated shards into the page cache, in file
+        order, until ``stopping`` (a threading.Event) is set, by reading them: blocks that
+        are allocated but not yet written read as zeros without disk I/O, and the pages they
+        leave in the cache are then written into without faulting fresh memory in."""
+        buffer = bytearray(2**20)
+        for fd in self._fds:
+            if fd not in self._mappable:
+                continue
+            begin, end = self._extent[fd]
+            for step, offset in enumerate(range(begin, min(end, begin + limit), len(buffer))):
+                if step % 64 == 0 and stopping.is_set():
+                    return
+                try:
+                    os.preadv(fd, [buffer], offset)
+                except OSError:
+                    return
+            limit -= end - begin
+            if limit <= 0:
+                return
 
     def close(self) -> None:
         for fd in self._fds:

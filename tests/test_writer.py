@@ -101,3 +101,43 @@ def test_wrong_size_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="tensor 'w' has 20 bytes, 24 were planned"):
         writer.write("w", torch.zeros(5))
     writer.close()
+
+
+def record_reads(monkeypatch):
+    reads = []
+    real = os.preadv
+
+    def recording(fd, buffers, offset):
+        reads.append((fd, offset, sum(len(b) for b in buffers)))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", recording)
+    return reads
+
+
+def test_warming_reads_the_allocated_data_in_file_order_up_to_the_limit(tmp_path, monkeypatch):
+    import threading
+
+    layout = [(f"t{i}", "F32", (1000, 1000)) for i in range(3)]  # 4 MB each, one shard
+    writer = ShardedWriter(tmp_path, layout, shard_size=10**9)
+    reads = record_reads(monkeypatch)
+    writer.warm(5 * 2**20, threading.Event())
+    begin = (tmp_path / "model.safetensors").stat().st_size - 12_000_000  # the data section
+    assert [offset for _, offset, _ in reads] == [begin + i * 2**20 for i in range(5)]
+    stopped = threading.Event()
+    stopped.set()
+    reads.clear()
+    writer.warm(2**30, stopped)
+    assert reads == []
+    writer.close()
+
+
+def test_nothing_is_warmed_where_blocks_cannot_be_allocated(tmp_path, monkeypatch):
+    import threading
+
+    cannot_allocate(monkeypatch)
+    writer = ShardedWriter(tmp_path, [("w", "F32", (1000, 1000))], shard_size=10**9)
+    reads = record_reads(monkeypatch)
+    writer.warm(2**30, threading.Event())
+    assert reads == [] and not writer.mapped("w")
+    writer.close()
