@@ -360,10 +360,13 @@ path = "out"
     assert not (tmp_path / "out").exists()
 
 
+METHOD_LINES = {"linear": "weight = 0.5", "ties": "weight = 0.5", "slerp": "t = 0.5", "model_stock": ""}
+
+
 @pytest.mark.parametrize("method, output_dtype, in_place", [
-    ("linear", "", True), ("ties", "", True),
+    ("linear", "", True), ("ties", "", True), ("slerp", "", True),
     ("linear", 'dtype = "float32"', False),  # computed in bf16, widened on the way out
-    ("slerp", "", False),  # slerp returns a new tensor
+    ("model_stock", "", False),  # model_stock returns a new tensor
 ])
 def test_in_place_computation_is_planned_only_where_it_applies(tmp_path, llama_bf16_family, method,
                                                                output_dtype, in_place):
@@ -373,10 +376,11 @@ def test_in_place_computation_is_planned_only_where_it_applies(tmp_path, llama_b
 [models]
 base = "{llama_bf16_family['base']}"
 a = "{llama_bf16_family['ft1']}"
+{"" if method == "slerp" else 'b = "' + str(llama_bf16_family['ft2']) + '"'}
 [method]
 name = "{method}"
 base = "base"
-{"t = 0.5" if method == "slerp" else "weight = 0.5"}
+{METHOD_LINES[method]}
 [output]
 path = "out"
 {output_dtype}

@@ -18,7 +18,7 @@ class Params:
     t: float = param(help="interpolation factor: 0 = base model, 1 = the other model")
 
 
-def slerp(tensors, base, *, t):
+def slerp(tensors, base, *, t, out=None):
     """Spherical interpolation from ``base`` (t = 0) to ``tensors[0]`` (t = 1).
 
     Works on the whole flattened tensors in float32 (float64 for float64) with mergekit
@@ -36,30 +36,36 @@ def slerp(tensors, base, *, t):
     t = torch.tensor([[t]], dtype=dtype)
     n = a.shape[1]
     if n == 0:
-        return v0.clone()
+        return v0.clone() if out is None else out
     bounds = [(s, min(s + _CHUNK, n)) for s in range(0, n, _CHUNK)]
 
     def cast(x, s, e):
         return x[:, s:e].to(dtype)
 
-    norm_a = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(cast(a, s, e), dim=1, keepdim=True) for s, e in bounds]), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(cast(b, s, e), dim=1, keepdim=True) for s, e in bounds]), dim=0)
-    norm_a = torch.where(norm_a > _EPS, norm_a, 1)
-    norm_b = torch.where(norm_b > _EPS, norm_b, 1)
-    dot = torch.stack([((cast(a, s, e) / norm_a) * (cast(b, s, e) / norm_b)).sum(dim=1, keepdim=True)
-                       for s, e in bounds]).sum(dim=0).clamp(-1, 1)
+    # per-chunk results go into preallocated rows: a list of thousands of tiny tensors made
+    # between the chunk temporaries fragments the heap, which then holds ~2 bytes per entry
+    per_chunk = torch.empty(len(bounds), 1, 1, dtype=dtype)
+
+    def norm(x):
+        for row, (s, e) in zip(per_chunk, bounds):
+            torch.linalg.vector_norm(cast(x, s, e), dim=1, keepdim=True, out=row)
+        total = torch.linalg.vector_norm(per_chunk, dim=0)
+        return torch.where(total > _EPS, total, 1)
+
+    norm_a, norm_b = norm(a), norm(b)
+    for row, (s, e) in zip(per_chunk, bounds):
+        torch.sum((cast(a, s, e) / norm_a) * (cast(b, s, e) / norm_b), dim=1, keepdim=True, out=row)
+    dot = per_chunk.sum(dim=0).clamp(-1, 1)
     lerp = dot.abs() > _DOT_THRESHOLD
     theta = torch.acos(torch.where(lerp, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(lerp, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(lerp, t, torch.sin(t * theta) / sin_theta)
 
-    out = torch.empty_like(a)
+    result = torch.empty_like(a) if out is None else out.view(1, -1)
     for s, e in bounds:
-        out[:, s:e] = coef_a * cast(a, s, e) + coef_b * cast(b, s, e)
-    return out.reshape(v0.shape)
+        result[:, s:e] = coef_a * cast(a, s, e) + coef_b * cast(b, s, e)
+    return result.reshape(v0.shape) if out is None else out
 
 
 METHOD = MergeMethod(
@@ -71,4 +77,5 @@ METHOD = MergeMethod(
     min_inputs=1,
     max_inputs=1,
     partial_tensors="singleton",
+    accepts_out=True,
 )
