@@ -93,14 +93,6 @@ class _Planner:
         self.specs = method.param_specs
         self.compute_dtype = project.compute_dtype
 
-    def working_code(self, infos) -> str:
-        """The dtype the method computes in (as :class:`_Compute` sets it), as a code."""
-        if self.compute_dtype:
-            return _code(self.compute_dtype)
-        if self.project.dtype:
-            return _code(self.project.dtype)
-        return _promote([info.dtype for info in infos])
-
     def group(self, piece: _Slice, out_name: str, in_names: list[str], position: float) -> OutputTensor:
         method, project = self.method, self.project
         members = [(s, _member_name(s, n, out_name)) for s, n in zip(piece.sources, in_names)]
@@ -135,11 +127,13 @@ class _Planner:
                           piece.params.get(key, NOTHING), _global_setting(project, key, source.model)]
                 values.append(resolve(spec, levels, name, position, f"model '{source.model}', {where}"))
             per_model[spec.field] = values
+        fills = False
         if floating == {True}:
-            codes = [info.dtype for info in infos]
-            if project.dtype:
-                codes = [_code(project.dtype)] * len(codes)
-            out_code = _code(project.out_dtype) if project.out_dtype else _promote(codes)
+            loaded = _code(project.dtype) if project.dtype else _promote([info.dtype for info in infos])
+            out_code = _code(project.out_dtype) if project.out_dtype else loaded
+            # in place only when the method computes in the written dtype (see _Compute)
+            working = _code(self.compute_dtype) if self.compute_dtype else loaded
+            fills = method.accepts_out and working == out_code
         else:
             out_code = infos[0].dtype
         seed = derive_seed(project.seed, out_name) if method.random else None
@@ -151,7 +145,6 @@ class _Planner:
         reads = [(s.ckpt, n) for s, n in members]
         compute = _Compute(self, out_name, reads, base_index, others, shared, per_model, seed, out_code,
                            floating == {True})
-        fills = floating == {True} and method.accepts_out and self.working_code(infos) == out_code
         details = {k: v for k, v in shared.items()}
         details.update({k: v for k, v in per_model.items()})
         details["models"] = [members[i][0].model for i in others]
