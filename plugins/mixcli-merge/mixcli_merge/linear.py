@@ -40,14 +40,14 @@ def linear(tensors, base=None, *, weight, normalize=True, out=None):
     flat_out = out.view(-1)
     # two chunk buffers reused throughout: a fresh allocation per chunk, and the implicit
     # float32 copy that a mixed-dtype addcmul_ makes, cost as much as the arithmetic
+    # (inputs already in the accumulation dtype need no copy)
     part_buffer = torch.empty(min(CHUNK, flat_out.numel()), dtype=acc)
     wide_buffer = torch.empty_like(part_buffer)
     for a, b in chunks(flat_out.numel()):
         part, wide = part_buffer[:b - a], wide_buffer[:b - a]
         part.zero_()
         for x, c in zip(flats, coefficients):
-            wide.copy_(x[a:b])
-            part.addcmul_(wide, c)
+            part.addcmul_(x[a:b] if x.dtype == acc else wide.copy_(x[a:b]), c)
         if normalize:
             part.div_(total)
         flat_out[a:b].copy_(part)
