@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import MixcliError
 
@@ -201,6 +202,16 @@ def _reserve(fd: int, start: int, size: int) -> bool:
     return True
 
 
+class _Slot(NamedTuple):
+    """Where one output tensor goes: its shard, absolute byte offset and size, dtype, shape."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    code: str
+    shape: tuple[int, ...]
+
+
 class ShardedWriter:
     """Writes a known list of tensors into sharded safetensors files.
 
@@ -226,9 +237,8 @@ class ShardedWriter:
         count = len(shards)
         self.total_size = 0
         self.weight_map: dict[str, str] = {}
-        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
+        self._where: dict[str, _Slot] = {}
         self._fds: list[int] = []
-        self._layout: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype code, shape)
         self._mappable: set[int] = set()  # shards whose blocks are allocated
         self._extent: dict[int, tuple[int, int]] = {}  # fd -> (first, end) byte of its data
         self.files: list[Path] = []
@@ -253,15 +263,14 @@ class ShardedWriter:
             self._extent[fd] = (data_start, data_start + offset)
             for name, code, shape in members:
                 begin, end = header[name]["data_offsets"]
-                self._where[name] = (fd, data_start + begin, end - begin)
-                self._layout[name] = (code, tuple(shape))
+                self._where[name] = _Slot(fd, data_start + begin, end - begin, code, tuple(shape))
                 self.weight_map[name] = filename
                 self.total_size += end - begin
 
     def mapped(self, name: str) -> bool:
         """Whether :meth:`destination` hands out the file's own bytes for ``name``."""
-        fd, _, nbytes = self._where[name]
-        return nbytes > 0 and fd in self._mappable
+        slot = self._where[name]
+        return slot.nbytes > 0 and slot.fd in self._mappable
 
     @contextlib.contextmanager
     def destination(self, name: str):
@@ -276,8 +285,7 @@ class ShardedWriter:
         """
         import torch
 
-        fd, offset, nbytes = self._where[name]
-        code, shape = self._layout[name]
+        fd, offset, nbytes, code, shape = self._where[name]
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         window = None
         if self.mapped(name):
@@ -298,7 +306,7 @@ class ShardedWriter:
 
     def write(self, name: str, tensor) -> None:
         """Write a computed tensor (any device; it must have the planned size in bytes)."""
-        fd, offset, nbytes = self._where[name]
+        fd, offset, nbytes, _, _ = self._where[name]
         data = tensor.detach().to("cpu").contiguous()
         if data.numel() * data.element_size() != nbytes:
             raise RuntimeError(f"tensor '{name}' has {data.numel() * data.element_size()} bytes, "
