@@ -155,9 +155,9 @@ def main() -> None:
         recipe = RECIPES[method].format()
         project = root / f"{method}.toml"
         project.write_text(recipe + f'[output]\npath = "out-{method}"\nshard_size = "2GB"\ncopy_tokenizer = false\n')
+        read = sum(size for name, size in inputs.items() if name in recipe)
         for _ in range(args.repeat):
             result = run_once(root, method, project, args.workers)
-            read = sum(size for name, size in inputs.items() if name in recipe)
             print(f"{method:<10} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
                   f"{result['peak_file_mib']:>14.0f} {read / 1e9 / result['wall_s']:>11.2f}", flush=True)
 

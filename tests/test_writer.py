@@ -5,6 +5,7 @@ same files, which stock safetensors reads back."""
 import errno
 import os
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -116,8 +117,6 @@ def record_reads(monkeypatch):
 
 
 def test_warming_reads_the_allocated_data_in_file_order_up_to_the_limit(tmp_path, monkeypatch):
-    import threading
-
     layout = [(f"t{i}", "F32", (1000, 1000)) for i in range(3)]  # 4 MB each, one shard
     writer = ShardedWriter(tmp_path, layout, shard_size=10**9)
     reads = record_reads(monkeypatch)
@@ -133,8 +132,6 @@ def test_warming_reads_the_allocated_data_in_file_order_up_to_the_limit(tmp_path
 
 
 def test_nothing_is_warmed_where_blocks_cannot_be_allocated(tmp_path, monkeypatch):
-    import threading
-
     cannot_allocate(monkeypatch)
     writer = ShardedWriter(tmp_path, [("w", "F32", (1000, 1000))], shard_size=10**9)
     reads = record_reads(monkeypatch)
