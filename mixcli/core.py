@@ -31,9 +31,10 @@ class Prepared:
         return self.plan if isinstance(self.plan, dict) else {"": self.plan}
 
 
-def load_project(path: str | Path, registry: Registry | None = None) -> tuple[Project, object]:
+def load_project(path: str | Path, registry: Registry | None = None,
+                 text: str | None = None) -> tuple[Project, object]:
     registry = registry or get_registry()
-    project = read_project(path)
+    project = read_project(path, text)
     return project, check(project, registry)
 
 
@@ -86,9 +87,9 @@ def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> Outpu
     return method.build(context)
 
 
-def prepare(path: str | Path) -> Prepared:
+def prepare(path: str | Path, text: str | None = None) -> Prepared:
     registry = get_registry()
-    project, method = load_project(path, registry)
+    project, method = load_project(path, registry, text)
     models = open_models(project, registry)
     plan = build_plan(project, method, models)
     return Prepared(project, method, models, plan, registry)

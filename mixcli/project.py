@@ -128,11 +128,14 @@ def _unknown(table: dict, allowed: tuple, where: str) -> None:
             raise MixcliError(f"{where}: unknown key '{key}'{closest(key, allowed)}")
 
 
-def read_project(path: str | Path) -> Project:
-    """Parse a project file; structural errors only (methods are checked by :func:`check`)."""
+def read_project(path: str | Path, text: str | None = None) -> Project:
+    """Parse a project file; structural errors only (methods are checked by :func:`check`).
+
+    With ``text``, that is the project and ``path`` only where it would live: relative
+    paths resolve against its folder (multi-stage projects check their stages this way)."""
     file = Path(path)
     try:
-        text = file.read_text()
+        text = file.read_text() if text is None else text
     except FileNotFoundError:
         raise MixcliError(f"{file}: no such project file") from None
     except (OSError, UnicodeDecodeError) as error:
