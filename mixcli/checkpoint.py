@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,9 +80,11 @@ def open_safetensors(folder: Path, where: str) -> dict[str, TensorInfo]:
                               "re-download or re-save the model") from None
         files: dict[str, SafetensorsFile] = {}
         tensors = {}
+        if not isinstance(weight_map, dict):
+            raise MixcliError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
         for name, filename in weight_map.items():
             if filename not in files:
-                shard = folder / filename
+                shard = _shard_path(folder, index_path, name, filename)
                 if not shard.is_file():
                     raise MixcliError(f"{index_path}: shard '{filename}' (holding '{name}') is missing")
                 files[filename] = SafetensorsFile(shard)
@@ -101,3 +104,16 @@ def open_safetensors(folder: Path, where: str) -> dict[str, TensorInfo]:
                                   f"{tensors[name].file.path.name}")
             tensors[name] = info
     return tensors
+
+
+def _shard_path(folder: Path, index_path: Path, name: str, filename) -> Path:
+    """The shard ``filename`` names, which must lie inside ``folder``: judged on the name as
+    written (Hub snapshots hold symbolic links into the cache, which are fine)."""
+    if not isinstance(filename, str) or not filename:
+        raise MixcliError(f"{index_path}: entry '{name}' names shard {filename!r}; shard names are "
+                          "file names inside the model folder")
+    normal = os.path.normpath(filename)
+    if os.path.isabs(filename) or normal == ".." or normal.startswith(".." + os.sep):
+        raise MixcliError(f"{index_path}: entry '{name}' names shard '{filename}', outside the model "
+                          f"folder {folder}; mixcli reads only files inside it: fix the index")
+    return folder / normal

@@ -46,6 +46,10 @@ class MixcliGroup(click.Group):
             return super().invoke(ctx)
         except MixcliError as error:
             raise click.ClickException(str(error)) from None
+        except KeyboardInterrupt as error:  # SIGINT, or SIGTERM while writing (the engine has cleaned up)
+            signum = getattr(error, "signum", 2)
+            click.echo(f"Aborted ({getattr(error, 'name', 'SIGINT')}).", err=True)
+            ctx.exit(128 + signum)
 
 
 @click.group(cls=MixcliGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,6 +83,7 @@ def _gb(nbytes: int) -> str:
 def merge(project, out, force, dry_run, workers, no_progress):
     """Merge the models of PROJECT into one model (each stage in turn for a multi-stage project)."""
     from . import core, engine
+    from .target import protected_folders
 
     if _is_multistage(project):
         return _merge_stages(project, out, force, dry_run)
@@ -89,8 +94,8 @@ def merge(project, out, force, dry_run, workers, no_progress):
     target = out or proj.output_path
     if target is None:
         raise MixcliError(f"{proj.where}: no output path; add [output] path = \"...\" or pass --out")
-    if not dry_run:
-        engine.check_target(Path(target).absolute(), force)
+    if not dry_run:  # before anything is read
+        engine.check_target(Path(target).absolute(), force, protected_folders(proj), proj.file)
     prepared = core.prepare(project)
     prepared.project.output_path = Path(target)
     workers = workers or engine.default_workers()
@@ -100,7 +105,8 @@ def merge(project, out, force, dry_run, workers, no_progress):
     written = engine.write_plan(prepared.plan, Path(target), force=force, shard_size=proj.shard_size,
                                 card=core.model_card(prepared), recipe=proj.text,
                                 copy_tokenizer=proj.copy_tokenizer, workers=workers,
-                                progress=not no_progress and sys.stderr.isatty())
+                                progress=not no_progress and sys.stderr.isatty(),
+                                protected=protected_folders(proj, prepared.models), project_file=proj.file)
     plans = prepared.plans.values()
     _console().print(f"[green]wrote[/] {written} ({sum(len(p.tensors) for p in plans)} tensors, "
                      f"{_gb(sum(p.output_bytes for p in plans))})")

@@ -1,14 +1,13 @@
 """The streaming engine: computes a plan's tensors on all cores and writes them straight to
-sharded safetensors in a temporary folder beside the target, renamed into place at the end."""
+sharded safetensors in a temporary folder beside the target, renamed into place at the end
+(the target's safety, its lock and signals: :mod:`mixcli.target`)."""
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import os
 import shutil
-import tempfile
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,17 +17,13 @@ from . import __version__
 from .errors import MixcliError
 from .plan import OutputPlan
 from .safetensors_io import ShardedWriter
+from .target import (MARKER, SignalGuard, check_target, is_no_space, make_scratch, remove_leftovers,
+                     target_lock, unwritable)
+
+__all__ = ["check_target", "write_plan", "default_workers"]
 
 DONOR_FILES = ("generation_config.json",)
 SPACE_MARGIN = 16 * 2**20
-
-
-def check_target(target: Path, force: bool) -> None:
-    if target.exists() and not force:
-        raise MixcliError(f"{target} already exists; pass --force to replace it, or choose another "
-                          "output path (--out or [output] path)")
-    if target.exists() and not target.is_dir():
-        raise MixcliError(f"{target} exists and is not a folder; remove it or choose another output path")
 
 
 def _check_space(folder: Path, needed: int, target: Path) -> None:
@@ -82,23 +77,34 @@ class _Budget:
 
 def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force: bool = False,
                shard_size: int = 2 * 10**9, card: str = "", recipe: str = "", copy_tokenizer: bool = True,
-               workers: int | None = None, progress: bool = True) -> Path:
+               workers: int | None = None, progress: bool = True, protected: dict[str, Path] | None = None,
+               project_file: Path | None = None) -> Path:
     """Write ``plan`` to ``target`` atomically; return ``target``.
 
     A dict of plans (a method with several output models) writes each into the subfolder
-    named by its key; the whole set appears at once or not at all.
+    named by its key; the whole set appears at once or not at all. ``protected`` (label to
+    folder: the inputs) and ``project_file`` are never written over, ``force`` or not.
     """
     target = Path(target).absolute()
-    check_target(target, force)
+    check_target(target, force, protected, project_file)
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise MixcliError(f"cannot create the output folder {parent} ({error.strerror})") from None
     plans = plan if isinstance(plan, dict) else {"": plan}
-    _check_space(parent, sum(p.output_bytes for p in plans.values()), target)
-    workers = workers or default_workers()
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    with SignalGuard() as signals, target_lock(target):
+        check_target(target, force, protected, project_file)  # again, now that no one else writes it
+        remove_leftovers(target)
+        _check_space(parent, sum(p.output_bytes for p in plans.values()), target)
+        _write(plans, target, signals, shard_size, card, recipe, copy_tokenizer,
+               workers or default_workers(), progress)
+    return target
+
+
+def _write(plans: dict[str, OutputPlan], target: Path, signals: SignalGuard, shard_size: int, card: str,
+           recipe: str, copy_tokenizer: bool, workers: int, progress: bool) -> None:
+    scratch = make_scratch(target)
     writers: list[ShardedWriter] = []
     warmer = None
     threads = None
@@ -126,13 +132,17 @@ def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force:
             _write_files(one, scratch / name, card, recipe, copy_tokenizer)
             if one.finalize is not None:
                 one.finalize(scratch / name)
-        _replace(scratch, target)
+        with signals.critical():
+            (scratch / MARKER).unlink()
+            _replace(scratch, target)
     except OSError as error:
         _discard(warmer, writers, scratch)
-        if error.errno == errno.ENOSPC:
+        if is_no_space(error):
             raise MixcliError(f"no space left on the device while writing {target}; nothing was "
                               "written: free some space or choose another output path") from None
-        raise
+        where = f" ({error.filename})" if error.filename else ""
+        raise MixcliError(f"cannot write {target}: {error.strerror or error}{where}; nothing was "
+                          "written") from None
     except BaseException:
         _discard(warmer, writers, scratch)
         raise
@@ -142,7 +152,6 @@ def write_plan(plan: OutputPlan | dict[str, OutputPlan], target: Path, *, force:
             import torch
 
             torch.set_num_threads(threads)
-    return target
 
 
 WARM_AHEAD = 2 * 2**30  # bytes of output page cache prepared ahead, at most
@@ -178,7 +187,7 @@ def _discard(warmer, writers: list[ShardedWriter], scratch: Path) -> None:
 
 def _replace(scratch: Path, target: Path) -> None:
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = make_scratch(target, "old")  # marked, so a run killed right here is cleaned up later
         os.replace(target, old / "previous")
         os.replace(scratch, target)
         shutil.rmtree(old, ignore_errors=True)

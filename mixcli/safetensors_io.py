@@ -253,7 +253,7 @@ class ShardedWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
             path = self.folder / filename
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # the user's umask applies
             self._fds.append(fd)
             self.files.append(path)
             os.write(fd, struct.pack("<Q", len(raw)) + raw)

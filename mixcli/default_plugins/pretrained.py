@@ -35,17 +35,24 @@ def _folder(ref) -> Path:
 
 
 class PickledFile:
-    """A pytorch_model*.bin file, read only through torch's weights_only loader."""
+    """A pytorch_model*.bin file, read only through torch's weights_only loader: memory-mapped
+    when it is a zip archive (torch >= 1.6), read whole when it is the legacy format."""
 
     def __init__(self, path: Path):
+        import zipfile
+
         import torch
 
         self.path = path
         try:
-            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as error:
             raise MixcliError(f"{path}: cannot be read as a weights-only PyTorch checkpoint "
                               f"({str(error).splitlines()[0]}); convert it to safetensors") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise MixcliError(f"{path}: holds no state dict of tensors (as save_pretrained writes); "
+                              "convert it to safetensors")
+        self.state = state
 
     def load(self, info):
         return self.state[info.name]
@@ -61,6 +68,8 @@ def _pickled_tensors(folder: Path) -> dict:
     for path in sorted(folder.glob("pytorch_model*.bin")):
         pickled = PickledFile(path)
         for name, value in pickled.state.items():
+            if name in tensors:
+                raise MixcliError(f"{path}: tensor '{name}' is also stored in {tensors[name].file.path.name}")
             nbytes = value.numel() * value.element_size()
             tensors[name] = TensorInfo(name, dtype_code(value.dtype), tuple(value.shape), pickled, 0, nbytes)
     return tensors

@@ -101,4 +101,5 @@ def save_tuned(source: Path, target: Path, model, trainable: list[str], settings
         routers = {name: state[name].detach().cpu().contiguous() for name in trainable}
         extra["routers.safetensors"] = safetensors.torch.save(routers)
     plan = OutputPlan(config=config, tensors=tensors, donor=ckpt, extra_files=extra)
-    return write_plan(plan, target, force=force, recipe=project.text, progress=False)
+    return write_plan(plan, target, force=force, recipe=project.text, progress=False,
+                      protected={"the model to tune": source}, project_file=project.file)

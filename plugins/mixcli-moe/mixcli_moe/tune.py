@@ -103,8 +103,10 @@ def tune_command(project, model, out, force, no_progress):
     target = out or (proj.file.parent / settings.output if settings.output else None) \
         or Path(str(proj.output_path).rstrip("/") + "-tuned")
     from mixcli.engine import check_target
+    from mixcli.target import protected_folders
 
-    check_target(Path(target).absolute(), force)
+    protected = {"the model to tune": Path(source), **protected_folders(proj)}
+    check_target(Path(target).absolute(), force, protected, proj.file)
     from ._train import train
 
     result = train(Path(source), Path(target), settings, proj, force=force,

@@ -35,6 +35,7 @@ def adapt_project(project: Path, out: Path | None = None, force: bool = False, d
                   max_steps: int | None = None, progress: bool = False, log=None) -> Path | None:
     """The command's work; returns the output folder (None on processes other than 0)."""
     from mixcli import MixcliError, core, engine
+    from mixcli.target import protected_folders
 
     from . import adapt
     from .construction import model_from_plan
@@ -57,7 +58,7 @@ def adapt_project(project: Path, out: Path | None = None, force: bool = False, d
     distributed = _init_distributed(opts["device"])
     rank = adapt.world()[0]
     if rank == 0:
-        engine.check_target(target.absolute(), force)
+        engine.check_target(target.absolute(), force, protected_folders(proj), proj.file)
     prepared = core.prepare(project)
     plan = prepared.plan
     model = model_from_plan(plan)
@@ -71,7 +72,8 @@ def adapt_project(project: Path, out: Path | None = None, force: bool = False, d
         plan.finalize = lambda folder: adapt.save(model, folder, record)
         written = engine.write_plan(plan, target, force=force, shard_size=proj.shard_size,
                                     card=core.model_card(prepared), recipe=proj.text,
-                                    copy_tokenizer=proj.copy_tokenizer, progress=False)
+                                    copy_tokenizer=proj.copy_tokenizer, progress=False,
+                                    protected=protected_folders(proj, prepared.models), project_file=proj.file)
         log(f"wrote {written}")
     if distributed:
         import torch.distributed as dist
