@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .architecture import layer_count
 from .errors import MixcliError
 from .safetensors_io import SafetensorsFile, TensorInfo
 
@@ -45,14 +46,6 @@ class Checkpoint:
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
-
-
-def layer_count(config: dict) -> int | None:
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    text = config.get("text_config")
-    return layer_count(text) if isinstance(text, dict) else None
 
 
 def read_config(folder: Path, where: str) -> dict:

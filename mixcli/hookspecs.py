@@ -44,5 +44,13 @@ def register_architectures(register):
 
 
 @hookspec
+def register_architecture_layouts(register):
+    """Called once when the registry is built. Call ``register(layout)`` with a
+    :class:`mixcli.ArchitectureLayout` for each family of model types whose tensor names and
+    per-layer config fields you describe; it is used for models whose ``model_type`` it lists
+    (before the built-in fallback)."""
+
+
+@hookspec
 def register_commands(cli):
     """Called when the CLI starts. Add click commands to the ``cli`` group."""

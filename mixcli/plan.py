@@ -3,22 +3,16 @@ safetensors headers alone, so every mistake surfaces before a weight is read."""
 
 from __future__ import annotations
 
-import copy
-import re
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any, Callable
 
+# tensor roles live in .architecture; these names stay importable from here for plugins
+from .architecture import is_pre_layer, layer_templates, split_layer_name  # noqa: F401
 from .checkpoint import Checkpoint
 from .project import Project
 from .safetensors_io import ITEM_SIZE
-
-LAYER = re.compile(r"(^|\.)(layers|layer|h|blocks)\.(\d+)\.")
-# names under which a tied model keeps its output embedding
-TIED_NAMES = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight",
-                                 "model.decoder.embed_tokens.weight", "embed_tokens.weight")}
-PRE_LAYER_HINTS = ("embed", "wte", "wpe", "patch", "position", "cls_token", "mask_token")
 
 
 @dataclass
@@ -82,46 +76,6 @@ class BuildContext:
     seed: int
     device: str = "cpu"
     sections: dict = field(default_factory=dict)  # the method's own top-level tables
-
-
-def split_layer_name(name: str) -> tuple[str, int] | None:
-    """``model.layers.3.mlp.up_proj.weight`` → (``model.layers.{}.mlp.up_proj.weight``, 3)."""
-    match = LAYER.search(name)
-    if match is None:
-        return None
-    start, end = match.span(3)
-    return name[:start] + "{}" + name[end:], int(match.group(3))
-
-
-def layer_templates(ckpt: Checkpoint) -> tuple[dict[int, set[str]], list[str]]:
-    """Per layer index the set of name templates, and the names outside the layers."""
-    layers: dict[int, set[str]] = {}
-    others = []
-    for name in ckpt.tensors:
-        split = split_layer_name(name)
-        if split is None:
-            others.append(name)
-        else:
-            layers.setdefault(split[1], set()).add(split[0])
-    return layers, sorted(others)
-
-
-def is_pre_layer(name: str) -> bool:
-    return any(hint in name for hint in PRE_LAYER_HINTS)
-
-
-def rescale_layer_lists(config: dict, old: int, mapping: list[int]) -> dict:
-    """Config lists with one entry per layer (``layer_types``...) follow the layer mapping."""
-    config = copy.deepcopy(config)
-    for key, value in list(config.items()):
-        if isinstance(value, list) and len(value) == old and old > 1 and key != "architectures":
-            config[key] = [value[i] for i in mapping]
-        elif isinstance(value, dict) and key.endswith("_config"):
-            config[key] = rescale_layer_lists(value, old, mapping)
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        if isinstance(config.get(key), int):
-            config[key] = len(mapping)
-    return config
 
 
 def set_dtype(config: dict, dtype: str) -> None:

@@ -10,7 +10,7 @@ import pluggy
 
 from . import __version__, hookspecs
 
-DEFAULT_PLUGINS = ("mixcli.default_plugins.pretrained",)
+DEFAULT_PLUGINS = ("mixcli.default_plugins.pretrained", "mixcli.default_plugins.layouts")
 ENTRY_POINT_GROUP = "mixcli"
 
 
@@ -32,6 +32,7 @@ class Registry:
     methods: dict = field(default_factory=dict)  # merge methods and upscalers share one namespace
     evaluators: dict = field(default_factory=dict)
     loaders: dict = field(default_factory=dict)
+    layouts: dict = field(default_factory=dict)  # architecture layouts, by name
     provider: dict = field(default_factory=dict)  # (kind, name) -> PluginInfo
     warnings: list[str] = field(default_factory=list)
 
@@ -104,6 +105,7 @@ def get_registry() -> Registry:
     _collect("register_merge_methods", "method", registry.methods, registry, by_plugin_name)
     _collect("register_upscalers", "method", registry.methods, registry, by_plugin_name)
     _collect("register_evaluators", "evaluator", registry.evaluators, registry, by_plugin_name)
+    _collect("register_architecture_layouts", "layout", registry.layouts, registry, by_plugin_name)
     _registry = registry
     return registry
 

@@ -8,10 +8,11 @@ from functools import reduce
 
 from .checkpoint import Checkpoint
 from .components import MergeMethod
-from .errors import MixcliError
+from .errors import MixcliError, warn
 from .params import NOTHING, resolve
-from .plan import (TIED_NAMES, OutputPlan, OutputTensor, is_pre_layer, layer_templates,
-                   output_dtype_name, rescale_layer_lists, set_dtype)
+from .architecture import (check_layer_count, head_name, head_source, is_tied, layer_templates, map_config,
+                           tensor_role)
+from .plan import OutputPlan, OutputTensor, output_dtype_name, set_dtype
 from .project import Project
 from .safetensors_io import torch_dtype
 from .seeding import derive_seed
@@ -74,15 +75,14 @@ def _global_setting(project: Project, key: str, model: str | None = None):
     return entries or NOTHING
 
 
-def _member_name(source: _Source, name: str, tensor: str) -> str:
-    """The name under which ``source`` stores ``name``: itself, or a tied alias."""
+def _stored_name(source: _Source, name: str) -> str | None:
+    """The name under which ``source`` stores ``name``: itself, a tied model's embedding for
+    the head, or None."""
     if name in source.ckpt.tensors:
         return name
-    for alias in TIED_NAMES.get(name, ()):
-        if alias in source.ckpt.tensors:
-            return alias
-    raise MixcliError(f"{source.where}: model '{source.model}' has no tensor '{name}' (needed for "
-                      f"output tensor '{tensor}'); the models must share one architecture")
+    if name == head_name(source.ckpt):
+        return head_source(source.ckpt)
+    return None
 
 
 class _Planner:
@@ -95,7 +95,7 @@ class _Planner:
 
     def group(self, piece: _Slice, out_name: str, in_names: list[str], position: float) -> OutputTensor:
         method, project = self.method, self.project
-        members = [(s, _member_name(s, n, out_name)) for s, n in zip(piece.sources, in_names)]
+        members = list(zip(piece.sources, in_names))
         infos = [s.ckpt.tensors[n] for s, n in members]
         for (source, name), info in zip(members[1:], infos[1:]):
             if info.shape != infos[0].shape:
@@ -227,6 +227,8 @@ class _Compute:
 
 def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoint]) -> OutputPlan:
     """The output plan of a tensor-wise merge; raises MixcliError on any inconsistency."""
+    for name, ckpt in models.items():
+        check_layer_count(ckpt, project.models[name].where)
     pieces = _slices(project, models)
     planner = _Planner(project, method, models)
     for piece in pieces:
@@ -251,9 +253,8 @@ def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoi
     first, last = pieces[0], pieces[-1]
     ref_layers = []
     tensors: list[OutputTensor] = []
-    _, first_others = layer_templates(first.sources[0].ckpt)
-    pre = [n for n in first_others if len(pieces) == 1 or is_pre_layer(n)]
-    tensors += [planner.group(first, n, [n] * len(first.sources), 0.0) for n in pre]
+    single = len(pieces) == 1
+    tensors += _outside_layers(planner, first, None if single else ("pre",))
     out_index = 0
     for piece in pieces:
         layers = [layer_templates(s.ckpt)[0] for s in piece.sources]
@@ -270,24 +271,112 @@ def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoi
             for template in sorted(reference):
                 in_names = [template.format(s.start + j) for s in piece.sources]
                 tensors.append(planner.group(piece, template.format(out_index), in_names, position))
-            ref_layers.append(piece.sources[0].start + j)
+            ref_layers.append((piece.sources[0].model, piece.sources[0].start + j))
             out_index += 1
-    if len(pieces) > 1:
-        _, last_others = layer_templates(last.sources[0].ckpt)
-        post = [n for n in last_others if not is_pre_layer(n)]
-        tensors += [planner.group(last, n, [n] * len(last.sources), 0.0) for n in post]
+    if not single:
+        # the head comes from the last slice, even when all its sources are tied, unless the
+        # output embedding is the very same merge (same models in both end slices)
+        same_ends = [s.model for s in first.sources] == [s.model for s in last.sources]
+        tensors += _outside_layers(planner, last, ("post", "head"), head_always=not same_ends)
 
     donor = models[project.base] if project.base else first.sources[0].ckpt
-    donor_layers = donor.num_layers
-    config = donor.config
-    if project.slices is not None and donor_layers is not None:
-        config = rescale_layer_lists(config, donor_layers, ref_layers)
+    donor_name = project.base or first.sources[0].model
+    if project.slices is not None and donor.num_layers is not None:
+        config = map_config({name: ckpt.config for name, ckpt in models.items()}, donor_name, ref_layers,
+                            f"{project.where}: [[slices]]")
     else:
-        config = dict(config)
+        config = dict(donor.config)
     floating = [t.dtype for t in tensors if t.dtype in ("F32", "F16", "BF16", "F64")]
     if floating:
         set_dtype(config, output_dtype_name(max(set(floating), key=floating.count)))
-    names = {t.name for t in tensors}
-    if "lm_head.weight" in names and config.get("tie_word_embeddings", True):
-        config["tie_word_embeddings"] = False  # a written head must not be ignored on load
+    head = head_name(donor)
+    if head is not None and any(t.name == head for t in tensors):
+        config["tie_word_embeddings"] = False  # a written head must not be replaced by the embedding
+    elif head is not None and all(is_tied(s.ckpt) for s in last.sources):
+        config["tie_word_embeddings"] = True  # no head written: the embedding is the head
     return OutputPlan(config=config, tensors=tensors, donor=donor)
+
+
+def _outside_layers(planner: _Planner, piece: _Slice, roles: tuple[str, ...] | None,
+                    head_always: bool = False) -> list[OutputTensor]:
+    """The output tensors outside the layers (of ``roles``; None: all) that any source of
+    ``piece`` holds. A tied source gives its embedding as the head; a tensor only some sources
+    hold follows the method's ``partial_tensors``."""
+    names: set[str] = set()
+    for source in piece.sources:
+        _, others = layer_templates(source.ckpt)
+        names.update(n for n in others if roles is None or tensor_role(source.ckpt, n) in roles)
+    head = head_name(piece.sources[0].ckpt)
+    # a head any source stores is in ``names`` already (tied sources then give their embedding);
+    # when none stores one they are all tied, and so is the output, unless asked for a head
+    if head is not None and head_always and all(is_tied(s.ckpt) for s in piece.sources):
+        names.add(head)
+    out = []
+    for name in sorted(names):
+        held = [(s, _stored_name(s, name)) for s in piece.sources]
+        if all(stored is not None for _, stored in held):
+            out.append(planner.group(piece, name, [stored for _, stored in held], 0.0))
+        else:
+            tensor = _partial(planner, piece, name, [(s, n) for s, n in held if n is not None],
+                              [s for s, n in held if n is None])
+            if tensor is not None:
+                out.append(tensor)
+    return out
+
+
+def _partial(planner: _Planner, piece: _Slice, name: str, held: list, lacking: list) -> OutputTensor | None:
+    """A tensor outside the layers that only some sources hold, as ``method.partial_tensors`` says."""
+    method = planner.method
+    have = ", ".join(f"'{s.model}'" for s, _ in held)
+    lack = ", ".join(f"'{s.model}'" for s in lacking)
+    where = f"{piece.where}: tensor '{name}' is in model(s) {have} but not in {lack}"
+    base = piece.base if method.base != "ignored" else None
+    base_member = next(((s, n) for s, n in held if s.model == base), None)
+    if method.partial_tensors == "base_or_skip":
+        if base_member is not None:
+            return _copy(planner, base_member, name)
+        warn(f"{where} nor in the base; method '{method.name}' leaves it out of the output")
+        return None
+    if method.partial_tensors == "singleton":
+        if len(held) == 1:
+            return _copy(planner, held[0], name)
+        raise MixcliError(f"{where}; method '{method.name}' copies such a tensor only from a single model; "
+                          "give all models the tensor or remove it from all but one")
+    if base is not None and base_member is None and method.base == "required":
+        raise MixcliError(f"{where}, the base; method '{method.name}' cannot merge it without the base")
+    others = [m for m in held if m is not base_member]
+    if not others:
+        return _copy(planner, base_member, name)
+    if len(others) < method.min_inputs:
+        raise MixcliError(f"{where}; method '{method.name}' needs {method.min_inputs} models besides the "
+                          "base to merge it")
+    subset = _Slice([s for s, _ in held], piece.length, base if base_member else None, piece.params, piece.where)
+    return planner.group(subset, name, [n for _, n in held], 0.0)
+
+
+class _CopyOne:
+    """Reads one source tensor and casts it to the written dtype."""
+
+    def __init__(self, ckpt, name: str, load_dtype: str | None, out_code: str):
+        self.ckpt, self.name, self.load_dtype, self.out_code = ckpt, name, load_dtype, out_code
+
+    def __call__(self):
+        import torch
+
+        tensor = self.ckpt.tensor(self.name)
+        if not tensor.is_floating_point():
+            return tensor
+        if self.load_dtype:
+            tensor = tensor.to(getattr(torch, self.load_dtype))
+        return tensor.to(torch_dtype(self.out_code))
+
+
+def _copy(planner: _Planner, member, out_name: str) -> OutputTensor:
+    source, name = member
+    project, info = planner.project, source.ckpt.tensors[name]
+    code = info.dtype
+    if info.floating:
+        code = _code(project.out_dtype or project.dtype) if (project.out_dtype or project.dtype) else info.dtype
+    compute = _CopyOne(source.ckpt, name, project.dtype if info.floating else None, code)
+    return OutputTensor(out_name, info.shape, code, compute, [(source.ckpt, name)],
+                        {"source": source.model, "tensor": name})

@@ -34,6 +34,19 @@ def tied_family(tmp_path_factory):
     return tiny_models.build_family(tmp_path_factory.mktemp("tied"), "llama", experts=2, seed=2, tie=True)
 
 
+@pytest.fixture(scope="session")
+def qwen2_tied_family(tmp_path_factory):
+    """Qwen2: q/k/v biases, GQA, tied embeddings."""
+    return tiny_models.build_family(tmp_path_factory.mktemp("qwen2_tied"), "qwen2", experts=1, seed=4, tie=True)
+
+
+@pytest.fixture(scope="session")
+def qwen2_sharded_family(tmp_path_factory):
+    """Qwen2 with a separate lm_head, each model saved in several shards."""
+    return tiny_models.build_family(tmp_path_factory.mktemp("qwen2_sharded"), "qwen2", experts=1, seed=5,
+                                    shard_size="200KB")
+
+
 def write_project(folder: Path, text: str, name: str = "project.toml") -> Path:
     path = Path(folder) / name
     path.write_text(text)

@@ -15,7 +15,7 @@ from conftest import write_project
 from mixcli import MixcliError
 from mixcli.cli import cli
 from mixcli.core import prepare
-from mixcli_layers._config import map_config
+from mixcli.architecture import map_config
 from mixcli_layers.depth_upscaling import renumber_layers, upscale_model
 from mixcli_layers.layer_spec import parse_layer_spec
 

@@ -112,6 +112,56 @@ path = "deep"
     assert torch.isfinite(tiny_models.logits(tmp_path / "deep")).all()
 
 
+def stages_model(folder, seed: int, tied: bool):
+    """A model of the plugin's own architecture: trunk.stage.N blocks, stem.embed, head.out."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {"stem.embed.weight": torch.randn(8, 4, generator=generator),
+               "trunk.norm.weight": torch.randn(4, generator=generator)}
+    for i in range(3):
+        tensors[f"trunk.stage.{i}.proj.weight"] = torch.randn(4, 4, generator=generator)
+    if not tied:
+        tensors["head.out.weight"] = torch.randn(8, 4, generator=generator)
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {"model_type": "mixcli-example-stages", "num_hidden_layers": 3, "tie_word_embeddings": tied}
+    (folder / "config.json").write_text(json.dumps(config))
+    return tensors
+
+
+def test_register_architecture_layouts_teaches_mixcli_a_new_architecture(site, tmp_path):
+    a = stages_model(tmp_path / "a", 0, tied=False)
+    b = stages_model(tmp_path / "b", 1, tied=True)
+    project = write_project(tmp_path, """
+[models]
+a = "a"
+b = "b"
+[method]
+name = "passthrough"
+[[slices]]
+sources = [{ model = "a", layer_range = [0, 2] }]
+[[slices]]
+sources = [{ model = "b", layer_range = [1, 3] }]
+[output]
+path = "out"
+""")
+    mixcli(site, "merge", project)
+    out = tiny_models.load_tensors(tmp_path / "out")
+    want = {"stem.embed.weight": a["stem.embed.weight"], "trunk.norm.weight": b["trunk.norm.weight"],
+            "head.out.weight": b["stem.embed.weight"],  # a tied last slice gives its embedding as head
+            "trunk.stage.0.proj.weight": a["trunk.stage.0.proj.weight"],
+            "trunk.stage.1.proj.weight": a["trunk.stage.1.proj.weight"],
+            "trunk.stage.2.proj.weight": b["trunk.stage.1.proj.weight"],
+            "trunk.stage.3.proj.weight": b["trunk.stage.2.proj.weight"]}
+    assert out.keys() == want.keys() and all(torch.equal(out[k], want[k]) for k in want)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["tie_word_embeddings"] is False
+    listing = json.loads(mixcli(site, "plugins", "--json").stdout)
+    example = next(p for p in listing["plugins"] if p["package"] == "mixcli-example-plugin")
+    assert "layout:example_stages" in example["provides"]
+
+
 def test_register_architectures_reaches_transformers_auto_classes(site):
     code = ("from mixcli.plugins import register_architectures; register_architectures(); "
             "from transformers import AutoConfig, AutoModel; c = AutoConfig.for_model('mixcli-example'); "

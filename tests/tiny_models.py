@@ -1,4 +1,7 @@
-"""Tiny seeded Llama / Mistral families built locally: a base and fine-tunes of it."""
+"""Tiny seeded Llama / Mistral / Qwen2 families built locally: a base and fine-tunes of it.
+
+All have GQA (4 heads, 2 key-value heads); Qwen2 adds q/k/v biases; ``tie`` ties the
+embeddings; ``shard_size`` saves every model in several safetensors shards with an index."""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ def config(arch: str = "llama", layers: int = 4, tie: bool = False, vocab: int |
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "mistral":
         return transformers.MistralConfig(sliding_window=64, **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
     return transformers.LlamaConfig(**common)
 
 
@@ -33,14 +38,19 @@ def save(model, folder: Path, **kwargs) -> Path:
     return folder
 
 
+MODEL_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def build_family(root: Path, arch: str = "llama", experts: int = 2, seed: int = 0, layers: int = 4,
-                 tie: bool = False, dtype=torch.float32, delta: float = 0.02) -> dict[str, Path]:
+                 tie: bool = False, dtype=torch.float32, delta: float = 0.02,
+                 shard_size: str | None = None) -> dict[str, Path]:
     """``base`` plus ``ft1``..``ftN``: the base with seeded task vectors of scale ``delta``."""
     torch.manual_seed(seed)
     cfg = config(arch, layers, tie)
-    model_class = transformers.MistralForCausalLM if arch == "mistral" else transformers.LlamaForCausalLM
+    model_class = getattr(transformers, MODEL_CLASSES[arch])
     base = model_class(cfg).to(dtype).eval()
-    paths = {"base": save(base, root / "base")}
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    paths = {"base": save(base, root / "base", **kwargs)}
     generator = torch.Generator().manual_seed(seed + 1000)
     for i in range(1, experts + 1):
         expert = model_class(cfg).to(dtype).eval()
@@ -49,7 +59,7 @@ def build_family(root: Path, arch: str = "llama", experts: int = 2, seed: int = 
             for param in expert.parameters():
                 noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
                 param.add_((noise * delta).to(dtype))
-        paths[f"ft{i}"] = save(expert, root / f"ft{i}")
+        paths[f"ft{i}"] = save(expert, root / f"ft{i}", **kwargs)
     return paths
 
 

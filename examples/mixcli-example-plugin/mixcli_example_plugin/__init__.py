@@ -1,7 +1,8 @@
 """A minimal mixcli plugin that implements every hook once.
 
 Copy it to start your own: ``pip install -e .`` makes ``mixcli list-methods`` show
-``example_scale``, ``example_repeat_layers`` and ``example_tensor_count``.
+``example_scale``, ``example_repeat_layers`` and ``example_tensor_count``, and teaches mixcli
+the tensor names of the ``mixcli-example-stages`` model type.
 """
 
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ class RepeatParams:
 
 def repeat_layers(context):
     """An upscaler: every layer of the one input model repeated ``times`` times."""
-    from mixcli.plan import OutputPlan, OutputTensor, layer_templates, rescale_layer_lists
+    from mixcli.architecture import layer_templates, map_config
+    from mixcli.plan import OutputPlan, OutputTensor
 
     (ckpt,) = context.models.values()
     times = context.params["times"]
@@ -42,7 +44,7 @@ def repeat_layers(context):
             info = ckpt.tensors[name]
             tensors.append(OutputTensor(template.format(out_index), info.shape, info.dtype,
                                         lambda name=name: ckpt.tensor(name), [(ckpt, name)]))
-    config = rescale_layer_lists(ckpt.config, len(layers), mapping)
+    config = map_config({"a": ckpt.config}, "a", [("a", i) for i in mapping], "example_repeat_layers")
     return OutputPlan(config=config, tensors=tensors, donor=ckpt)
 
 
@@ -112,6 +114,15 @@ def register_architectures(register):
         config_class = ExampleConfig
 
     register("mixcli-example", ExampleConfig, {"AutoModel": ExampleModel})
+
+
+@mixcli.hookimpl
+def register_architecture_layouts(register):
+    # a model family whose blocks are named trunk.stage.N and whose head is head.out.weight
+    register(mixcli.ArchitectureLayout(
+        name="example_stages", summary="trunk.stage.N blocks, stem.embed input, head.out output",
+        model_types=("mixcli-example-stages",), layer_pattern=r"(^|\.)stage\.(?P<index>\d+)\.",
+        embeddings=("stem.embed.weight",), head="head.out.weight", pre_layer_hints=("stem.",)))
 
 
 @mixcli.hookimpl

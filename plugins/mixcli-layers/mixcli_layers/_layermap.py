@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixcli import MixcliError
+from mixcli.architecture import check_layer_count, head_name, head_source, layer_templates, map_config, tensor_role
 from mixcli.params import NOTHING, ParamSpec, check_setting, evaluate
-from mixcli.plan import (TIED_NAMES, OutputPlan, OutputTensor, is_pre_layer, layer_templates,
-                         output_dtype_name, set_dtype)
-
-from ._config import map_config
+from mixcli.plan import OutputPlan, OutputTensor, output_dtype_name, set_dtype
 
 SCALE = ParamSpec(name="scale", field="scale", type=float, default=None, help="multiply the tensors",
                   per_model=True, min=None, max=None, min_exclusive=False, choices=None)
@@ -99,12 +97,6 @@ def check_compatible(models: dict, names: list[str], where: str) -> None:
                                   "architecture and their layers cannot be stacked")
 
 
-def _head_source(ckpt, name: str) -> str | None:
-    if name in ckpt.tensors:
-        return name
-    return next((alias for alias in TIED_NAMES.get(name, ()) if alias in ckpt.tensors), None)
-
-
 def plan_layer_map(context, lmap: LayerMap, method: str, where: str) -> OutputPlan:
     """The output plan of ``lmap`` over ``context.models`` (a :class:`mixcli.plan.BuildContext`)."""
     models = context.models
@@ -113,6 +105,7 @@ def plan_layer_map(context, lmap: LayerMap, method: str, where: str) -> OutputPl
         if models[name].num_layers is None:
             raise MixcliError(f"{where}: model '{name}' has no layer count in its config.json "
                               "(num_hidden_layers); it cannot be used in a layer map")
+        check_layer_count(models[name], context.project.models[name].where)
     if not lmap.layers:
         raise MixcliError(f"{where}: the layer map selects no layers; give at least one layer")
     check_compatible(models, used, where)
@@ -121,7 +114,7 @@ def plan_layer_map(context, lmap: LayerMap, method: str, where: str) -> OutputPl
     tensors: list[OutputTensor] = []
     embed = models[lmap.embed_from]
     for name in templates[lmap.embed_from][1]:
-        if is_pre_layer(name):
+        if tensor_role(embed, name) == "pre":
             value = scale_value(lmap.embed_scale, name, 0.0, f"{where}, tensor '{name}'")
             tensors.append(_copy(embed, name, name, value, f"{lmap.embed_from}"))
     for k, entry in enumerate(lmap.layers):
@@ -138,13 +131,13 @@ def plan_layer_map(context, lmap: LayerMap, method: str, where: str) -> OutputPl
             value = scale_value(entry.scale, in_name, entry.position, f"{where}, tensor '{in_name}'")
             tensors.append(_copy(ckpt, in_name, template.format(k), value, f"{entry.model}.{entry.index}"))
     head = models[lmap.head_from]
-    post = [n for n in templates[lmap.head_from][1] if not is_pre_layer(n)]
-    head_name = "lm_head.weight"
-    if lmap.head_from != lmap.embed_from and head_name not in post:
-        alias = _head_source(head, head_name)  # a tied head model: its embedding is its head
+    post = [n for n in templates[lmap.head_from][1] if tensor_role(head, n) in ("post", "head")]
+    head_tensor = head_name(head)
+    if lmap.head_from != lmap.embed_from and head_tensor is not None and head_tensor not in post:
+        alias = head_source(head)  # a tied head model: its embedding is its head
         if alias is not None:
             value = scale_value(lmap.head_scale, alias, 0.0, f"{where}, tensor '{alias}'")
-            tensors.append(_copy(head, alias, head_name, value, lmap.head_from))
+            tensors.append(_copy(head, alias, head_tensor, value, lmap.head_from))
     for name in post:
         value = scale_value(lmap.head_scale, name, 0.0, f"{where}, tensor '{name}'")
         tensors.append(_copy(head, name, name, value, lmap.head_from))
@@ -154,7 +147,7 @@ def plan_layer_map(context, lmap: LayerMap, method: str, where: str) -> OutputPl
     floating = [t.dtype for t in tensors if t.dtype in ("F32", "F16", "BF16", "F64")]
     if floating:
         set_dtype(config, output_dtype_name(Counter(floating).most_common(1)[0][0]))
-    if any(t.name == head_name for t in tensors):
+    if head_tensor is not None and any(t.name == head_tensor for t in tensors):
         config["tie_word_embeddings"] = False  # a written head must not be replaced by the embedding
     extra = {"layer_map.json": (json.dumps(layer_map_json(context, lmap, method), indent=2) + "\n").encode()}
     return OutputPlan(config=config, tensors=tensors, donor=models[lmap.embed_from], extra_files=extra)

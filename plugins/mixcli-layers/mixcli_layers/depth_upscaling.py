@@ -78,7 +78,7 @@ def upscale_model(model, layers):
 
     import torch
 
-    from ._config import map_config
+    from mixcli.architecture import map_config
 
     stack = _decoder_layers(model)
     indices = parse_layer_spec(layers, len(stack), "layers")

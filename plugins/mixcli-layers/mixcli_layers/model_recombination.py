@@ -21,7 +21,8 @@ import random
 from dataclasses import dataclass
 
 from mixcli import MixcliError, Upscaler, param
-from mixcli.plan import TIED_NAMES, OutputPlan, OutputTensor, is_pre_layer, split_layer_name
+from mixcli.architecture import layout_of
+from mixcli.plan import OutputPlan, OutputTensor
 
 from ._layermap import _Copy
 
@@ -65,18 +66,19 @@ def slots(ckpt, granularity: str) -> list[tuple[str, list[str]]]:
     """(slot name, tensor names) in canonical order: pre-layer, layers by index (children in
     sorted order), post-layer; for ``tensor``, names sorted. Tied tensors share a slot."""
     names = sorted(ckpt.tensors)
-    tied_head = None
-    if ckpt.config.get("tie_word_embeddings") and "lm_head.weight" in ckpt.tensors:
-        tied_head = next((a for a in TIED_NAMES["lm_head.weight"] if a in ckpt.tensors), None)
+    layout = layout_of(ckpt.config)
+    tied_head = None  # a head stored beside the embedding it is tied to
+    if ckpt.config.get("tie_word_embeddings") and layout.head in ckpt.tensors:
+        tied_head = next((a for a in layout.embeddings if a in ckpt.tensors), None)
     keyed: dict[str, list[str]] = {}
     order: dict[str, tuple] = {}
     for name in names:
-        owner = tied_head if name == "lm_head.weight" and tied_head else name
-        split = split_layer_name(owner)
+        owner = tied_head if name == layout.head and tied_head else name
+        split = layout.split(owner)
         if granularity == "tensor":
             key, rank = owner, (0, owner)
         elif split is None:
-            key, rank = ("pre", (0,)) if is_pre_layer(owner) else ("post", (2,))
+            key, rank = ("pre", (0,)) if layout.role(owner) == "pre" else ("post", (2,))
         elif granularity == "layer":
             key, rank = f"layer.{split[1]}", (1, split[1])
         else:

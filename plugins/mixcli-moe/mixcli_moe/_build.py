@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 
 from mixcli import MixcliError
-from mixcli.plan import OutputPlan, OutputTensor, output_dtype_name, split_layer_name
+from mixcli.architecture import check_layer_count, layout_of
+from mixcli.plan import OutputPlan, OutputTensor, output_dtype_name
 from mixcli.seeding import derive_seed
 
 from . import routers as router_init
@@ -54,6 +55,7 @@ def check_models(context, recipe: Recipe, where: str) -> None:
     base = context.models[recipe.base]
     for name in dict.fromkeys([recipe.base, *recipe.experts]):
         check_input_config(context.models[name].config, name, where)
+        check_layer_count(context.models[name], context.project.models[name].where)
     for name in dict.fromkeys(recipe.experts):
         other = context.models[name]
         if other.config.get("model_type") != base.config.get("model_type"):
@@ -226,8 +228,9 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
     def base_piece(name: str) -> _Piece:
         return _Piece(base, name)
 
-    for tensor_name in sorted(base.tensors, key=_order):
-        split = split_layer_name(tensor_name)
+    arch = layout_of(base.config)
+    for tensor_name in sorted(base.tensors, key=lambda n: _order(n, arch)):
+        split = arch.split(tensor_name)
         layer = split[1] if split else None
         template = split[0] if split else ""
         proj = template.split(".")[-2] if template.startswith("model.layers.{}.self_attn.") else None
@@ -296,7 +299,7 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
                       extra_files={"moe_info.json": (json.dumps(info, indent=2) + "\n").encode()})
 
 
-def _order(name: str):
-    split = split_layer_name(name)
-    return (1, split[1], name) if split else (0 if "embed" in name else 2, 0, name)
+def _order(name: str, arch):
+    split = arch.split(name)
+    return (1, split[1], name) if split else (0 if arch.role(name) == "pre" else 2, 0, name)
 
