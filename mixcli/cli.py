@@ -110,6 +110,8 @@ def merge(project, out, force, dry_run, workers, no_progress):
     plans = prepared.plans.values()
     _console().print(f"[green]wrote[/] {written} ({sum(len(p.tensors) for p in plans)} tensors, "
                      f"{_gb(sum(p.output_bytes for p in plans))})")
+    for note in (note for plan in plans for note in plan.notes):
+        _console().print(note, soft_wrap=True, markup=False)
     if proj.evaluations:
         from .evaluation import evaluate_project, render_results
 
@@ -134,6 +136,8 @@ def _print_plan(plan: dict, target) -> None:
     table.add_row("output", str(target) + ("" if plan["outputs"] == ["."] else
                                           f" (subfolders: {', '.join(plan['outputs'])})"))
     _console().print(table)
+    for note in plan.get("notes", []):
+        _console().print(note, soft_wrap=True, markup=False)
 
 
 @cli.command()

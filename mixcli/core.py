@@ -67,6 +67,9 @@ def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> Outpu
     if project.slices is not None:
         raise MixcliError(f"{project.where}: [[slices]] apply to tensor-wise merges; method '{method.name}' "
                           "describes its layers in its own parameters")
+    if project.tokenizer is not None:
+        raise MixcliError(f"{project.tokenizer.where}: vocabulary alignment applies to tensor-wise merges; "
+                          f"method '{method.name}' takes its models' vocabulary as it is")
     specs = method.param_specs
     count = len(models)
     if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
@@ -101,6 +104,8 @@ def model_card(prepared: Prepared) -> str:
     package = f"{provider.package} {provider.version}" if provider else "unknown"
     sources = "\n".join(f"- `{name}`: `{ref.path}`" for name, ref in project.models.items())
     bases = "".join(f"\n- {ref.path}" for ref in project.models.values())
+    notes = [note for plan in prepared.plans.values() for note in plan.notes]
+    notes = "## Notes\n" + "".join(f"- {note}\n" for note in notes) + "\n" if notes else ""
     return f"""---
 library_name: transformers
 tags:
@@ -116,7 +121,7 @@ Made with mixcli {__version__} on {datetime.date.today().isoformat()} by the met
 ## Models
 {sources}
 
-## Project
+{notes}## Project
 The complete recipe, also saved as `mixcli.toml` beside this card; `mixcli merge mixcli.toml`
 reproduces this model from the same inputs.
 
@@ -141,4 +146,5 @@ def describe(prepared: Prepared, workers: int) -> dict:
         "peak_memory_bytes": max(plan.peak_bytes(workers) for plan in plans),
         "layers": plans[0].config.get("num_hidden_layers"),
         "output": str(prepared.project.output_path) if prepared.project.output_path else None,
+        "notes": [note for plan in plans for note in plan.notes],
     }

@@ -259,7 +259,7 @@ def _write_files(plan: OutputPlan, folder: Path, card: str, recipe: str, copy_to
         for name in DONOR_FILES:
             if (donor.path / name).is_file():
                 shutil.copyfile(donor.path / name, folder / name)
-        if copy_tokenizer:
+        if copy_tokenizer and not plan.own_tokenizer:
             for path in donor.tokenizer_files():
                 shutil.copyfile(path, folder / path.name)
     for name, content in plan.extra_files.items():

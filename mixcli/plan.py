@@ -48,6 +48,7 @@ class OutputPlan:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     finalize: Callable[[Path], None] | None = None  # last step inside the temporary folder
     notes: list[str] = field(default_factory=list)
+    own_tokenizer: bool = False  # extra_files hold the output tokenizer: the donor's is not copied
 
     @property
     def output_bytes(self) -> int:

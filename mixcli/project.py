@@ -14,7 +14,7 @@ from .params import check_setting
 from .safetensors_io import parse_size
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-TOP_LEVEL = ("models", "method", "slices", "output", "evaluation")
+TOP_LEVEL = ("models", "method", "slices", "output", "evaluation", "tokenizer")
 MODEL_KEYS = ("path", "revision", "loader")
 METHOD_KEYS = ("name", "base", "seed", "dtype", "compute_dtype", "overrides")
 SLICE_KEYS = ("sources", "base")
@@ -90,6 +90,7 @@ class Project:
     evaluations: list[EvaluationSpec]
     text: str
     sections: dict = field(default_factory=dict)  # method-specific top-level tables, e.g. [tune]
+    tokenizer: Any = None  # mixcli.vocabulary.TokenizerSettings, from [tokenizer]
 
     @property
     def where(self) -> str:
@@ -251,6 +252,12 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         evaluations.append(EvaluationSpec(_str(entry["evaluator"], f"{where} evaluator"),
                                           _split(entry, ("evaluator",), where), where))
 
+    tokenizer = None
+    if "tokenizer" in data:
+        from .vocabulary import parse_tokenizer
+
+        tokenizer = parse_tokenizer(data["tokenizer"], f"{name}: [tokenizer]", models)
+
     return Project(
         file=file, models=models, method=_str(method["name"], f"{name}: [method] name"),
         base=model_name(method["base"], f"{name}: [method] base") if "base" in method else None,
@@ -260,7 +267,8 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         output_path=(project_dir / _str(out_path, f"{name}: [output] path")) if out_path else None,
         out_dtype=_dtype(output.get("dtype"), f"{name}: [output] dtype"),
         shard_size=parse_size(output.get("shard_size", DEFAULT_SHARD_SIZE), f"{name}: [output] shard_size"),
-        copy_tokenizer=copy_tokenizer, evaluations=evaluations, text=text, sections=sections)
+        copy_tokenizer=copy_tokenizer, evaluations=evaluations, text=text, sections=sections,
+        tokenizer=tokenizer)
 
 
 def check(project: Project, registry) -> Any:

@@ -16,6 +16,7 @@ from .plan import OutputPlan, OutputTensor, output_dtype_name, set_dtype
 from .project import Project
 from .safetensors_io import torch_dtype
 from .seeding import derive_seed
+from .vocabulary import align, row_plan
 
 @dataclass
 class _Source:
@@ -92,13 +93,31 @@ class _Planner:
         self.models = models
         self.specs = method.param_specs
         self.compute_dtype = project.compute_dtype
+        self.vocabulary = None  # the output vocabulary of a [tokenizer] table
+        self._vocab_names: dict[int, set[str]] = {}
+
+    def _vocabulary_indexed(self, members) -> bool:
+        from .alignment import vocabulary_tensors
+
+        if self.vocabulary is None:
+            return False
+        for source, name in members:
+            names = self._vocab_names.setdefault(id(source.ckpt), vocabulary_tensors(source.ckpt))
+            if name not in names:
+                return False
+        return True
 
     def group(self, piece: _Slice, out_name: str, in_names: list[str], position: float) -> OutputTensor:
         method, project = self.method, self.project
         members = list(zip(piece.sources, in_names))
         infos = [s.ckpt.tensors[n] for s, n in members]
+        shape = infos[0].shape
+        rows = None
+        if self._vocabulary_indexed(members):  # re-indexed into the output vocabulary first
+            rows = row_plan(self.vocabulary, [s.model for s, _ in members], piece.base)
+            shape = (rows.rows,) + tuple(shape[1:])
         for (source, name), info in zip(members[1:], infos[1:]):
-            if info.shape != infos[0].shape:
+            if (info.shape[1:] if rows else info.shape) != (infos[0].shape[1:] if rows else infos[0].shape):
                 raise MixcliError(
                     f"tensor '{out_name}': model '{members[0][0].model}' has shape {list(infos[0].shape)} "
                     f"but model '{source.model}' has {list(info.shape)}; the models must share one architecture")
@@ -144,13 +163,15 @@ class _Planner:
                 raise MixcliError(f"{where}: {error}") from None
         reads = [(s.ckpt, n) for s, n in members]
         compute = _Compute(self, out_name, reads, base_index, others, shared, per_model, seed, out_code,
-                           floating == {True})
+                           floating == {True}, rows)
         details = {k: v for k, v in shared.items()}
         details.update({k: v for k, v in per_model.items()})
         details["models"] = [members[i][0].model for i in others]
         if base_index is not None:
             details["base"] = members[base_index][0].model
-        return OutputTensor(out_name, infos[0].shape, out_code, compute, reads, details,
+        if rows is not None:
+            details["vocabulary_rows"] = rows.rows
+        return OutputTensor(out_name, tuple(shape), out_code, compute, reads, details,
                             fill=compute.fill if fills else None)
 
 
@@ -172,13 +193,15 @@ def _promote(codes: list[str]) -> str:
 class _Compute:
     """Computes one output tensor on demand (a class, not a closure, so plans stay readable)."""
 
-    def __init__(self, planner, name, reads, base_index, others, shared, per_model, seed, out_code, floating):
+    def __init__(self, planner, name, reads, base_index, others, shared, per_model, seed, out_code, floating,
+                 rows=None):
         self.method = planner.method
         self.load_dtype = planner.project.dtype
         self.compute_dtype = planner.compute_dtype
         self.name, self.reads, self.base_index, self.others = name, reads, base_index, others
         self.shared, self.per_model, self.seed, self.out_code, self.floating = \
             shared, per_model, seed, out_code, floating
+        self.rows = rows  # a vocabulary.RowPlan: re-index the rows before merging
 
     def __call__(self):
         return self._run(None)
@@ -204,6 +227,8 @@ class _Compute:
             if self.compute_dtype:
                 working = getattr(torch, self.compute_dtype)
             tensors = [t.to(working) for t in tensors]
+            if self.rows is not None:
+                tensors = align(tensors, self.rows)
             kwargs = dict(self.shared)
             kwargs.update(self.per_model)
             if self.seed is not None:
@@ -227,10 +252,13 @@ class _Compute:
 
 def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoint]) -> OutputPlan:
     """The output plan of a tensor-wise merge; raises MixcliError on any inconsistency."""
+    from .alignment import apply_to_config, plan_vocabulary
+
     for name, ckpt in models.items():
         check_layer_count(ckpt, project.models[name].where)
     pieces = _slices(project, models)
     planner = _Planner(project, method, models)
+    planner.vocabulary = plan_vocabulary(project, models)
     for piece in pieces:
         names = [s.model for s in piece.sources]
         duplicate = next((n for n in names if names.count(n) > 1), None)
@@ -294,7 +322,16 @@ def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoi
         config["tie_word_embeddings"] = False  # a written head must not be replaced by the embedding
     elif head is not None and all(is_tied(s.ckpt) for s in last.sources):
         config["tie_word_embeddings"] = True  # no head written: the embedding is the head
-    return OutputPlan(config=config, tensors=tensors, donor=donor)
+    plan = OutputPlan(config=config, tensors=tensors, donor=donor)
+    vocabulary = planner.vocabulary
+    if vocabulary is not None:
+        from .vocabulary import tokenizer_files
+
+        apply_to_config(plan.config, vocabulary)
+        plan.extra_files.update(tokenizer_files(vocabulary))
+        plan.own_tokenizer = True
+        plan.notes += vocabulary.summary() + [f"warning: {w}" for w in vocabulary.warnings]
+    return plan
 
 
 def _outside_layers(planner: _Planner, piece: _Slice, roles: tuple[str, ...] | None,
