@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import hashlib
 
+from .architecture import layout_of
 from .checkpoint import Checkpoint
 from .errors import MixcliError
 from .vocabulary import Vocabulary, build_vocabulary, model_vocabulary, special_token_ids
 
-# output embeddings and heads: their first axis is the vocabulary
-VOCAB_TENSOR_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight",
-                         "embed_in.weight", "embed_out.weight", "lm_head.bias")
 TOKENIZER_DESCRIPTION = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "merges.txt",
                          "added_tokens.json", "special_tokens_map.json")
 
@@ -26,20 +24,14 @@ def _vocab_size(config: dict) -> int | None:
 
 def embedding_rows(ckpt: Checkpoint) -> int | None:
     """The rows of the model's input embedding (its vocabulary as the weights see it)."""
-    for name in sorted(vocabulary_tensors(ckpt)):
-        if not name.endswith(("lm_head.weight", "embed_out.weight", "lm_head.bias")):
-            return ckpt.tensors[name].shape[0]
-    return _vocab_size(ckpt.config)
+    stored = [name for name in layout_of(ckpt.config).embeddings if name in ckpt.tensors]
+    return ckpt.tensors[stored[0]].shape[0] if stored else _vocab_size(ckpt.config)
 
 
 def vocabulary_tensors(ckpt: Checkpoint) -> set[str]:
-    """Names of the tensors whose first axis runs over the vocabulary."""
-    size = _vocab_size(ckpt.config)
-    names = set()
-    for name, info in ckpt.tensors.items():
-        if name.endswith(VOCAB_TENSOR_SUFFIXES) and info.shape and (size is None or info.shape[0] == size):
-            names.add(name)
-    return names
+    """The input embeddings and the output head, as the architecture layout names them."""
+    layout = layout_of(ckpt.config)
+    return {name for name in (*layout.embeddings, layout.head) if name is not None and name in ckpt.tensors}
 
 
 def _fingerprint(ckpt: Checkpoint) -> str | None:
