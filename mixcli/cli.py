@@ -59,9 +59,11 @@ def cli():
 
 
 def _console(stderr: bool = False):
+    """Rich output; to a log or a pipe, lines and tables as wide as their content (not 80 columns)."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    terminal = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, highlight=False, width=None if terminal else 1000, soft_wrap=not terminal)
 
 
 def _warn_broken_plugins(registry) -> None:

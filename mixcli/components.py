@@ -13,6 +13,11 @@ from typing import Any, Callable, Literal
 from .params import ParamSpec, param_specs
 
 
+TEMPLATE_NOTE = """A method's ``example`` values may name the template's models: ``base`` (when the
+method takes one), then ``first``, ``second``, ``third``... (see :mod:`mixcli.template`); in a
+per-model parameter's example, ``{model}`` stands for each model's own name."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
     """A tensor-wise merge: each output tensor is a pure function of same-named inputs.
@@ -42,6 +47,9 @@ class MergeMethod:
     # ``merge`` takes ``out=``, a tensor of the result's shape and the inputs' dtype, fills it
     # and returns it: the engine then computes straight into the output file
     accepts_out: bool = False
+    # parameter values ``mixcli init`` writes into the template: a starting point that validates
+    # and merges on models of a suitable architecture (see :data:`TEMPLATE_NOTE`)
+    example: dict = dataclasses.field(default_factory=dict)
     kind: str = "merge"
 
     @property
@@ -68,6 +76,9 @@ class Upscaler:
     # extra top-level tables of the project this method reads (e.g. "tune"); they reach
     # build() as context.sections and are errors in projects of other methods
     sections: tuple[str, ...] = ()
+    # whether the project names a base model under [method] base (min/max_inputs count it)
+    base: Literal["required", "optional", "ignored"] = "ignored"
+    example: dict = dataclasses.field(default_factory=dict)  # as for MergeMethod
     kind: str = "upscale"
 
     @property

@@ -117,4 +117,5 @@ METHOD = Upscaler(
     params=Params,
     min_inputs=1,
     max_inputs=1,
+    example={"layers": [":", ":"]},  # every layer twice; SOLAR on 32 layers: ["0:24", "8:32"]
 )

@@ -123,4 +123,5 @@ METHOD = Upscaler(
     build=build,
     params=Params,
     min_inputs=1,
+    example={"layers": [{"model": "first", "layers": [":"]}, {"model": "second", "layers": [":"]}]},
 )

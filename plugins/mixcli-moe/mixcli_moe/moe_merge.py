@@ -113,4 +113,6 @@ METHOD = Upscaler(
     params=Params,
     min_inputs=2,
     sections=("tune",),
+    base="required",
+    example={"positive_prompts": ["a prompt the {model} expert should handle"]},
 )

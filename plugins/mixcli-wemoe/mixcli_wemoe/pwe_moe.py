@@ -59,5 +59,5 @@ def build(context):
 METHOD = Upscaler(
     name="pwe_moe",
     summary="PWE-MoE: routers read a preference over the tasks; trained with LS or EPO (Pareto set)",
-    build=build, params=Params, min_inputs=2, sections=(ADAPT_SECTION,),
+    build=build, params=Params, min_inputs=2, sections=(ADAPT_SECTION,), base="required",
 )

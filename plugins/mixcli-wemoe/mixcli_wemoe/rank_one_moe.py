@@ -91,5 +91,5 @@ def build(context):
 METHOD = Upscaler(
     name="rank_one_moe",
     summary="Rank-one MoE: experts are the top singular components of each task's MLP change",
-    build=build, params=Params, min_inputs=2, sections=(ADAPT_SECTION,),
+    build=build, params=Params, min_inputs=2, sections=(ADAPT_SECTION,), base="required",
 )

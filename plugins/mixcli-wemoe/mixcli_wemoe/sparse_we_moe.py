@@ -58,5 +58,5 @@ def build(context):
 METHOD = Upscaler(
     name="sparse_we_moe",
     summary="Sparse WE-MoE (E-WEMoE): magnitude-pruned MLP task vectors, one shared router",
-    build=build, params=Params, min_inputs=2, sections=(ADAPT_SECTION,),
+    build=build, params=Params, min_inputs=2, sections=(ADAPT_SECTION,), base="required",
 )

@@ -60,5 +60,5 @@ def build(context):
 METHOD = Upscaler(
     name="we_moe",
     summary="Weight-ensembling MoE: MLPs become pretrained MLP + routed task vectors (per-sample routing)",
-    build=build, params=Params, min_inputs=2, sections=(ADAPT_SECTION,),
+    build=build, params=Params, min_inputs=2, sections=(ADAPT_SECTION,), base="required",
 )
