@@ -7,27 +7,10 @@ validates and merges, for every registered method, plugins' included.
 
 from __future__ import annotations
 
-import json
+from .tomlwrite import inline as toml_value
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 PLACEHOLDER = {float: 0.5, int: 1, bool: False, str: "", list: [], dict: {}}
-
-
-def toml_value(value) -> str:
-    """One TOML value (inline tables for dicts); ``None`` has no TOML form and is never passed."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def _key(name: str) -> str:
-    return name if name.replace("_", "").replace("-", "").isalnum() else json.dumps(name)
 
 
 def model_names(component) -> list[str]:

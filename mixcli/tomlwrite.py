@@ -38,6 +38,11 @@ def _value(value) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
+def inline(value) -> str:
+    """One value as inline TOML (dicts as inline tables), e.g. for a line of a template."""
+    return _value(value)
+
+
 def _is_table_array(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
