@@ -104,8 +104,9 @@ def merge(project, out, force, dry_run, workers, no_progress):
     if dry_run:
         _print_plan(core.describe(prepared, workers), target)
         return
+    recipe = core.recipe(prepared.project)
     written = engine.write_plan(prepared.plan, Path(target), force=force, shard_size=proj.shard_size,
-                                card=core.model_card(prepared), recipe=proj.text,
+                                card=core.model_card(prepared, recipe), recipe=recipe,
                                 copy_tokenizer=proj.copy_tokenizer, workers=workers,
                                 progress=not no_progress and sys.stderr.isatty(),
                                 protected=protected_folders(proj, prepared.models), project_file=proj.file)
@@ -128,8 +129,10 @@ def _print_plan(plan: dict, target) -> None:
     table.add_row("method", plan["method"])
     table.add_row("base", str(plan["base"]))
     for name, path in plan["models"].items():
-        table.add_row(f"model {name}", path)
-    table.add_row("parameters", json.dumps(plan["parameters"]))
+        own = plan["model_parameters"].get(name, {})
+        table.add_row(f"model {name}", path + "".join(f"\n  {key} = {_shown(value)}" for key, value in own.items()))
+    table.add_row("parameters", "\n".join(f"{key} = {_shown(value)}" for key, value in plan["parameters"].items())
+                  or "-")
     table.add_row("tensors", str(plan["tensors"]))
     table.add_row("layers", str(plan["layers"]))
     table.add_row("input read", _gb(plan["input_bytes"]))
@@ -140,6 +143,13 @@ def _print_plan(plan: dict, target) -> None:
     _console().print(table)
     for note in plan.get("notes", []):
         _console().print(note, soft_wrap=True, markup=False)
+    if Path(target).exists():
+        _console(stderr=True).print(f"[yellow]warning:[/] {target} already exists: `mixcli merge` refuses to "
+                                    "write there without --force, and with --force replaces it", soft_wrap=True)
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) and value.endswith("(varies by tensor)") else json.dumps(value)
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,17 @@ def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> Outpu
     if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
         raise MixcliError(f"{project.where}: [models] method '{method.name}' takes "
                           f"{method.min_inputs}..{method.max_inputs or 'any'} models, got {count}")
+    params, model_params = whole_model_params(project, specs)
+    context = BuildContext(project=project, models=models, params=params, model_params=model_params,
+                           seed=project.seed, sections=project.sections)
+    return method.build(context)
+
+
+def whole_model_params(project: Project, specs: dict) -> tuple[dict, dict]:
+    """Parameters of a method that is not tensor-wise, by field name: the shared ones from
+    [method] (or the default), the per-model ones from the model's table, then [method]."""
     params = {}
-    model_params = {name: {} for name in models}
+    model_params = {name: {} for name in project.models}
     for key, spec in specs.items():
         if spec.per_model:
             for name, ref in project.models.items():
@@ -85,9 +95,7 @@ def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> Outpu
         else:
             params[spec.field] = resolve(spec, [project.params.get(key, NOTHING)], "", 0.0,
                                          f"{project.where}: [method]")
-    context = BuildContext(project=project, models=models, params=params, model_params=model_params,
-                           seed=project.seed, sections=project.sections)
-    return method.build(context)
+    return params, model_params
 
 
 def prepare(path: str | Path, text: str | None = None) -> Prepared:
@@ -98,8 +106,33 @@ def prepare(path: str | Path, text: str | None = None) -> Prepared:
     return Prepared(project, method, models, plan, registry)
 
 
-def model_card(prepared: Prepared) -> str:
+def recipe(project: Project) -> str:
+    """The project as written into its output (``mixcli.toml``): the same recipe, with each local
+    model's path absolute and the output path ``"."`` (the folder holding it), so that
+    ``mixcli merge OUT/mixcli.toml --out NEW`` rebuilds the model from any working directory."""
+    import tomli
+
+    from .tomlwrite import dumps
+
+    data = tomli.loads(project.text)
+    for name, entry in data.get("models", {}).items():
+        local = project.models[name].resolved_path
+        if not local.exists():  # a Hub id, or a reference a plugin's loader resolves: as written
+            continue
+        path = os.path.normpath(local.absolute())
+        if isinstance(entry, dict):
+            entry["path"] = path
+        else:
+            data["models"][name] = path
+    data.setdefault("output", {})["path"] = "."
+    return (f"# The recipe of this model (mixcli {__version__}); model paths are absolute and the output\n"
+            "# is this folder: `mixcli merge mixcli.toml --out NEW` rebuilds it.\n" + dumps(data))
+
+
+def model_card(prepared: Prepared, recipe_text: str | None = None) -> str:
+    """The output's README.md: where it came from, and the recipe (:func:`recipe`) in full."""
     project, registry = prepared.project, prepared.registry
+    recipe_text = recipe(project) if recipe_text is None else recipe_text
     provider = registry.provider.get(("method", project.method))
     package = f"{provider.package} {provider.version}" if provider else "unknown"
     sources = "\n".join(f"- `{name}`: `{ref.path}`" for name, ref in project.models.items())
@@ -122,23 +155,64 @@ Made with mixcli {__version__} on {datetime.date.today().isoformat()} by the met
 {sources}
 
 {notes}## Project
-The complete recipe, also saved as `mixcli.toml` beside this card; `mixcli merge mixcli.toml`
-reproduces this model from the same inputs.
+The complete recipe, also saved as `mixcli.toml` beside this card; `mixcli merge mixcli.toml
+--out NEW` reproduces this model from the same inputs, from any working directory.
 
 ```toml
-{project.text.rstrip()}
+{recipe_text.rstrip()}
 ```
 """
+
+
+def _summary(values: list):
+    """One value, or its range over the tensors where it varies (gradients, filters)."""
+    distinct = []
+    for value in values:
+        if value not in distinct:
+            distinct.append(value)
+    if len(distinct) == 1:
+        return distinct[0]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
+        return f"{min(distinct):g}..{max(distinct):g} (varies by tensor)"
+    return f"{', '.join(map(str, distinct))} (varies by tensor)"
+
+
+def resolved_parameters(prepared: Prepared) -> tuple[dict, dict]:
+    """Every parameter as the merge will use it: shared ones, and per-model ones by model.
+    Tensor-wise merges report what their tensors resolved to (a range where it varies)."""
+    specs = prepared.method.param_specs
+    names = {spec.field: spec.name for spec in specs.values()}
+    if not isinstance(prepared.method, MergeMethod):
+        params, model_params = whole_model_params(prepared.project, specs)
+        per_model = {model: {names[f]: v for f, v in values.items()} for model, values in model_params.items()}
+        return {names[f]: v for f, v in params.items()}, {m: v for m, v in per_model.items() if v}
+    shared: dict[str, list] = {}
+    per_model: dict[str, dict[str, list]] = {}
+    for plan in prepared.plans.values():
+        for tensor in plan.tensors:
+            details = tensor.details
+            for spec in specs.values():
+                if spec.field not in details:
+                    continue
+                if spec.per_model:
+                    for model, value in zip(details.get("models", []), details[spec.field]):
+                        per_model.setdefault(model, {}).setdefault(spec.name, []).append(value)
+                else:
+                    shared.setdefault(spec.name, []).append(details[spec.field])
+    return ({k: _summary(v) for k, v in shared.items()},
+            {m: {k: _summary(v) for k, v in values.items()} for m, values in per_model.items()})
 
 
 def describe(prepared: Prepared, workers: int) -> dict:
     """The plan in numbers, for --dry-run and validate."""
     plans = list(prepared.plans.values())
+    shared, per_model = resolved_parameters(prepared)
     return {
         "method": prepared.project.method,
         "models": {name: str(ckpt.path) for name, ckpt in prepared.models.items()},
         "base": prepared.project.base,
-        "parameters": prepared.project.params,
+        "parameters": shared,
+        "model_parameters": per_model,
         "outputs": [name or "." for name in prepared.plans],
         "tensors": sum(len(plan.tensors) for plan in plans),
         "input_bytes": sum(plan.input_bytes for plan in plans),
