@@ -77,10 +77,10 @@ def test_recipe_in_the_output_rebuilds_it_bit_for_bit_from_elsewhere(tmp_path, l
     assert json.loads((out / "config.json").read_text()) == json.loads((again / "config.json").read_text())
     assert (again / "mixcli.toml").read_text() == recipe  # the recipe of a rebuild is the same recipe
 
-    # and from the output folder itself, where the recipe's output path (".") is that folder
+    # the recipe's output path (".") is the folder holding it, which a merge never replaces
     monkeypatch.chdir(out)
-    result = run("merge", "mixcli.toml", code=1)
-    assert f"{out} already exists; pass --force" in result.output
+    result = run("merge", "mixcli.toml", "--force", code=1)
+    assert f"{out} holds the project file mixcli.toml; mixcli never replaces it" in result.output
 
 
 def test_dry_run_lists_every_resolved_parameter_per_model_and_warns_on_an_existing_output(tmp_path, llama_family):
