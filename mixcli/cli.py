@@ -392,5 +392,28 @@ def init(method, out, force):
     _console().print(f"[green]wrote[/] {out}: fill in the model paths, then `mixcli merge {out}`")
 
 
+@cli.command("import-mergekit")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("project.toml"),
+              show_default=True, help="Where to write the mixcli project.")
+@click.option("--output-path", help="The project's [output] path (default: out/CONFIG's name).")
+@click.option("--force", is_flag=True, help="Overwrite an existing project file.")
+def import_mergekit(config, out, output_path, force):
+    """Translate the mergekit recipe CONFIG (YAML) into a mixcli project."""
+    from .mergekit_yaml import translate
+    from .plugins import get_registry
+    from .project import check, read_project
+    from .tomlwrite import dumps
+
+    registry = get_registry()
+    data = translate(config, registry, output_path)
+    text = f"# translated from the mergekit recipe {config.name} by `mixcli import-mergekit`\n" + dumps(data)
+    check(read_project(out, text), registry)  # what mixcli reads back: the structure and every parameter
+    if out.exists() and not force:
+        raise MixcliError(f"{out} already exists; pass --force to overwrite it")
+    out.write_text(text)
+    _console().print(f"[green]wrote[/] {out} from {config}: check it with `mixcli validate {out}`", soft_wrap=True)
+
+
 def main() -> None:
     cli(prog_name="mixcli")
