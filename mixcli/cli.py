@@ -4,7 +4,6 @@ the commands that need them, so ``mixcli --help`` and ``mixcli list-methods`` ar
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -60,10 +59,9 @@ def cli():
 
 def _console(stderr: bool = False):
     """Rich output; to a log or a pipe, lines and tables as wide as their content (not 80 columns)."""
-    from rich.console import Console
+    from .progress import console
 
-    terminal = (sys.stderr if stderr else sys.stdout).isatty()
-    return Console(stderr=stderr, highlight=False, width=None if terminal else 1000, soft_wrap=not terminal)
+    return console(stderr)
 
 
 def _warn_broken_plugins(registry) -> None:
@@ -108,7 +106,7 @@ def merge(project, out, force, dry_run, workers, no_progress):
     written = engine.write_plan(prepared.plan, Path(target), force=force, shard_size=proj.shard_size,
                                 card=core.model_card(prepared, recipe), recipe=recipe,
                                 copy_tokenizer=proj.copy_tokenizer, workers=workers,
-                                progress=not no_progress and sys.stderr.isatty(),
+                                progress=not no_progress,
                                 protected=protected_folders(proj, prepared.models), project_file=proj.file)
     plans = prepared.plans.values()
     _console().print(f"[green]wrote[/] {written} ({sum(len(p.tensors) for p in plans)} tensors, "

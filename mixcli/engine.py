@@ -196,8 +196,7 @@ def _replace(scratch: Path, target: Path) -> None:
 
 
 def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) -> None:
-    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from .progress import progress as progress_bar
 
     total = sum(t.input_bytes for t in plan.tensors) or 1
     lock = threading.Lock()
@@ -219,18 +218,15 @@ def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) 
             budget.release(cost)
         return tensor
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("merging", total=total)
+    # the bar counts input bytes read (what the time goes into); the tensor count is in its name
+    with progress_bar("merging", total, unit="bytes", enabled=progress) as bar:
         done = 0
 
         def advance(tensor):
             nonlocal done
             with lock:
                 done += 1
-                bar.update(task, advance=tensor.input_bytes or 1,
-                           description=f"merging {done}/{len(plan.tensors)}")
+                bar.advance(tensor.input_bytes or 1, description=f"merging {done}/{len(plan.tensors)} tensors")
 
         if workers == 1:
             for tensor in plan.tensors:

@@ -19,11 +19,19 @@ class EvalContext:
     models: dict[str, Path] = field(default_factory=dict)  # the project's models (for per-task heads)
     base_dir: Path = Path(".")  # relative data paths are resolved against this
     device: str = "cpu"
+    show_progress: bool = True
 
     def path(self, value: str) -> Path:
         """A data path from the parameters, relative to the project file."""
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.base_dir / path
+
+    def progress(self, total: int, unit: str = "samples"):
+        """A progress bar (:mod:`mixcli.progress`) for this evaluation, gone once it is done."""
+        from .progress import progress
+
+        return progress(f"evaluating {self.model_path.name}", total, unit, enabled=self.show_progress,
+                        transient=True)
 
 
 def resolve_params(evaluator, settings: dict, where: str) -> dict:
@@ -45,9 +53,9 @@ def run_evaluator(evaluator, model_path: Path, settings: dict, where: str, model
 
     register_architectures()
     check_architecture(Path(model_path))
-    from transformers.utils import logging as hf_logging
+    from .progress import quiet_libraries
 
-    hf_logging.disable_progress_bar()  # per-model "Loading weights" bars drown the results table
+    quiet_libraries()  # per-model "Loading weights" bars drown the results table
     context = EvalContext(Path(model_path), resolve_params(evaluator, dict(settings), where),
                           dict(models or {}), Path(base_dir), device)
     metrics = evaluator.evaluate(context)

@@ -79,10 +79,12 @@ def evaluate(context) -> dict:
     config = backbone.config
     shape = (getattr(config, "num_channels", 1), getattr(config, "image_size", 8), getattr(config, "image_size", 8))
     scores = {}
-    for folder in task_folders(context):
-        name, weight, bias, images, labels = read_task(folder, p["max_samples"])
-        images = images.reshape(len(images), *shape)
-        scores[name] = classification_accuracy(backbone, weight, bias, images, labels, batch_size=p["batch_size"])
+    tasks = [read_task(folder, p["max_samples"]) for folder in task_folders(context)]
+    with context.progress(sum(len(task[4]) for task in tasks), "images") as bar:
+        for name, weight, bias, images, labels in tasks:
+            images = images.reshape(len(images), *shape)
+            scores[name] = classification_accuracy(backbone, weight, bias, images, labels,
+                                                   batch_size=p["batch_size"], advance=bar.advance)
     scores["mean"] = sum(scores.values()) / len(scores)
     return scores
 

@@ -33,15 +33,17 @@ def evaluate(context) -> dict:
     p = context.params
     files = task_files(p)
     model, tokenizer = load_causal_lm(context.model_path, p["dtype"], context.device)
-    scores = {}
+    pairs = {}
     for task, file in files.items():
         path = context.path(file)
         where = f"exact_match: task '{task}'"
         rows = load_rows(path, where, p["max_samples"])
-        prompts = column(rows, p["prompt_field"], where, path)
-        answers = column(rows, p["answer_field"], where, path)
-        scores[task] = exact_match(model, tokenizer, prompts, answers, max_new_tokens=p["max_new_tokens"],
-                                   batch_size=p["batch_size"])
+        pairs[task] = (column(rows, p["prompt_field"], where, path), column(rows, p["answer_field"], where, path))
+    scores = {}
+    with context.progress(sum(len(prompts) for prompts, _ in pairs.values()), "prompts") as bar:
+        for task, (prompts, answers) in pairs.items():
+            scores[task] = exact_match(model, tokenizer, prompts, answers, max_new_tokens=p["max_new_tokens"],
+                                       batch_size=p["batch_size"], advance=bar.advance)
     if len(scores) > 1:
         scores["mean"] = sum(scores.values()) / len(scores)
     return scores

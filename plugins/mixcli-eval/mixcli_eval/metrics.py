@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -24,8 +24,10 @@ def classification_accuracy(
     pixel_values: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int = 256,
+    advance: Callable[[int], None] | None = None,
 ) -> float:
-    """Accuracy of ``features(backbone(x)) @ head_weight.T + head_bias`` on ``labels``."""
+    """Accuracy of ``features(backbone(x)) @ head_weight.T + head_bias`` on ``labels``;
+    ``advance(n)`` is called after each batch of ``n`` images (a progress bar's)."""
     was_training = backbone.training
     backbone.eval()
     param = next(backbone.parameters())
@@ -36,6 +38,8 @@ def classification_accuracy(
         x = pixel_values[i : i + batch_size].to(param.device, param.dtype)
         logits = _features(backbone, x).float() @ w.T + b
         correct += (logits.argmax(-1).cpu() == labels[i : i + batch_size].cpu()).sum().item()
+        if advance is not None:
+            advance(len(x))
     backbone.train(was_training)
     return correct / max(len(labels), 1)
 
@@ -48,8 +52,10 @@ def exact_match(
     answers: Sequence[str],
     max_new_tokens: int = 32,
     batch_size: int = 128,
+    advance: Callable[[int], None] | None = None,
 ) -> float:
-    """Fraction of prompts whose greedy continuation, decoded and stripped, equals the answer."""
+    """Fraction of prompts whose greedy continuation, decoded and stripped, equals the answer;
+    ``advance(n)`` is called after each batch of ``n`` prompts."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -71,6 +77,8 @@ def exact_match(
             texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
             for text, ans in zip(texts, answers[i : i + batch_size]):
                 hits += text.strip() == str(ans).strip()
+            if advance is not None:
+                advance(len(texts))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -78,8 +86,10 @@ def exact_match(
 
 
 @torch.no_grad()
-def mean_token_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32) -> float:
-    """Mean next-token cross-entropy over all predicted tokens of ``texts`` (exp = perplexity)."""
+def mean_token_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32,
+                    advance: Callable[[int], None] | None = None) -> float:
+    """Mean next-token cross-entropy over all predicted tokens of ``texts`` (exp = perplexity);
+    ``advance(n)`` is called after each batch of ``n`` texts."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -96,5 +106,7 @@ def mean_token_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32
         ).view_as(target)
         total += loss[tmask].sum().item()
         count += int(tmask.sum().item())
+        if advance is not None:
+            advance(len(ids))
     model.train(was_training)
     return total / count if count else math.nan

@@ -138,6 +138,9 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
     if not cuda and size > 1:
         torch.set_num_threads(max(1, torch.get_num_threads() // size))
     register_architectures()
+    from mixcli.progress import quiet_libraries
+
+    quiet_libraries()  # transformers' "Loading weights" bar would sit above ours
     torch.manual_seed(settings.seed)
     # the data is read before the model so that a bad data file fails before any weight is loaded
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
@@ -174,12 +177,9 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
     sampler = torch.Generator().manual_seed(settings.seed + 1)
     stream: list[int] = []
     history = []
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from mixcli.progress import progress as progress_bar
 
-    bar = Progress(TextColumn("[bold]tuning routers"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not progress or rank != 0)
-    with bar:
-        task = bar.add_task("tune", total=settings.steps, loss="-")
+    with progress_bar("tuning routers", settings.steps, enabled=progress and rank == 0) as bar:
         for step in range(settings.steps):
             while len(stream) < settings.batch_size:
                 stream += torch.randperm(len(train_set), generator=sampler).tolist()
@@ -197,7 +197,7 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
             ce = float(_reduce(ce_sum.detach())) / float(tokens)
             aux_value = float(_reduce(aux.detach()))
             history.append({"step": step + 1, "ce": ce, "aux": aux_value, "loss": ce + settings.aux_loss_coef * aux_value})
-            bar.update(task, advance=1, loss=f"{history[-1]['loss']:.4f}")
+            bar.advance(loss=history[-1]["loss"])
     capture.clear()
     after = evaluate(model, capture, held_out, pad, k, settings.batch_size) if held_out else None
     capture.remove()

@@ -88,8 +88,6 @@ def read_settings(project) -> TuneSettings:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def tune_command(project, model, out, force, no_progress):
     """Train the routers of PROJECT's MoE on the [tune] data set (torchrun-aware)."""
-    import sys
-
     from mixcli.core import load_project
 
     proj, method = load_project(project)
@@ -110,7 +108,7 @@ def tune_command(project, model, out, force, no_progress):
     from ._train import train
 
     result = train(Path(source), Path(target), settings, proj, force=force,
-                   progress=not no_progress and sys.stderr.isatty())
+                   progress=not no_progress)
     if result is not None:
         click.echo(f"wrote {result['output']} (CE {result['before']['ce']:.4f} -> {result['after']['ce']:.4f}, "
                    f"aux {result['before']['aux']:.4f} -> {result['after']['aux']:.4f})")

@@ -182,7 +182,9 @@ def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = F
     model.set_batch_reduce(opts["batch_reduce"])
     history = {"step": [], "loss": [], "tasks": {t.name: [] for t in tasks}}
     k = model.config.rank_k if model.config.expert_kind == "rank_one" else 1
-    bar = _progress(progress, opts["max_steps"])
+    from mixcli.progress import progress as progress_bar
+
+    bar = progress_bar("adapting routers", opts["max_steps"], enabled=progress and rank == 0).start()
     try:
         for step in range(opts["max_steps"]):
             opt.zero_grad(set_to_none=True)
@@ -218,15 +220,11 @@ def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = F
             history["loss"].append(sum(values))
             for task, value in zip(tasks, values):
                 history["tasks"][task.name].append(value)
-            if bar is not None:
-                bar[0].update(bar[1], advance=1, description=f"adapting  loss {sum(values):.4f}")
-            elif rank == 0 and (step + 1) % max(1, opts["max_steps"] // 10) == 0:
-                log(f"step {step + 1}/{opts['max_steps']}  entropy {sum(values):.4f}")
+            bar.advance(entropy=sum(values))
             if rank == 0 and opts["eval_every"] and (step + 1) % opts["eval_every"] == 0:
                 _monitor(model, tasks, device, log, step + 1)
     finally:
-        if bar is not None:
-            bar[0].stop()
+        bar.close()
         model.set_batch_reduce(old_reduce)
         for p in params:
             p.requires_grad_(False)
@@ -252,16 +250,6 @@ def _task_id_loss(record, target: int, k: int, form: str = "ce"):
             losses.append(F.cross_entropy(c.sum(-1) / ROUTE_TEMPERATURE,
                                           torch.full((c.shape[0],), target, device=c.device)))
     return torch.stack(losses).mean()
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar.start()
-    return bar, bar.add_task("adapting", total=total)
 
 
 def _monitor(model, tasks, device, log, step) -> None:
@@ -376,7 +364,7 @@ def attach(plan, context) -> None:
 
         model = WEMoEModel.from_pretrained(folder)
         record = run(model, folders, opts, seed, where, log=lambda m: print(m, file=sys.stderr),
-                     progress=sys.stderr.isatty())
+                     progress=True)
         save(model.cpu(), folder, record)
 
     plan.finalize = finalize

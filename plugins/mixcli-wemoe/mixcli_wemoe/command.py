@@ -9,7 +9,6 @@ process 0 writes the output.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -96,4 +95,4 @@ def add_commands(cli) -> None:
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
     def adapt_command(project, out, force, device, max_steps, no_progress):
         """Train the routers of a WE-MoE-family PROJECT ([adapt] table) and write the model."""
-        adapt_project(project, out, force, device, max_steps, progress=not no_progress and sys.stderr.isatty())
+        adapt_project(project, out, force, device, max_steps, progress=not no_progress)

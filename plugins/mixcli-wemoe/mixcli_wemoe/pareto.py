@@ -67,7 +67,9 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
     import torch
     import torch.nn.functional as F
 
-    from .adapt import Stream, _progress, lr_scheduler, rank_share, router_optimizer, world
+    from mixcli.progress import progress as progress_bar
+
+    from .adapt import Stream, lr_scheduler, rank_share, router_optimizer, world
     from .diagnostics import accuracy
     from .tasks import logits
 
@@ -87,7 +89,7 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
     streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
     share = rank_share(opts["batch_size"], size)
     history = {"step": [], "loss": [], "tasks": {t.name: [] for t in tasks}, "ylabel": "cross-entropy", "moves": {}}
-    bar = _progress(progress, steps)
+    bar = progress_bar("training preference routers", steps, enabled=progress and rank == 0).start()
     try:
         for step in range(steps):
             pref = dirichlet.sample()
@@ -127,13 +129,9 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
             history["loss"].append(sum(values))
             for task, value in zip(tasks, values):
                 history["tasks"][task.name].append(value)
-            if bar is not None:
-                bar[0].update(bar[1], advance=1)
-            elif rank == 0 and (step + 1) % max(1, steps // 10) == 0:
-                log(f"step {step + 1}/{steps}  loss {sum(values):.4f}")
+            bar.advance(loss=sum(values))
     finally:
-        if bar is not None:
-            bar[0].stop()
+        bar.close()
         for p in params:
             p.requires_grad_(False)
     front = []

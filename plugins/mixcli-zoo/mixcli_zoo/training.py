@@ -50,8 +50,12 @@ def train_loop(
     gen: torch.Generator,
     weight_decay: float = 0.0,
     warmup: int = 0,
+    label: str = "training",
 ) -> float:
-    """AdamW with linear warmup and cosine decay; returns the last loss."""
+    """AdamW with linear warmup and cosine decay, shown as a progress bar named ``label``;
+    returns the last loss."""
+    from mixcli.progress import progress
+
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     import math
 
@@ -63,14 +67,16 @@ def train_loop(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     last = float("nan")
-    for idx in batches(n, batch_size, steps, gen):
-        loss = loss_fn(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        last = loss.item()
+    with progress(label, steps) as bar:
+        for idx in batches(n, batch_size, steps, gen):
+            loss = loss_fn(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            last = loss.item()
+            bar.advance(loss=last)
     return last
 
 
