@@ -80,7 +80,8 @@ def _gb(nbytes: int) -> str:
 @click.option("--dry-run", is_flag=True, help="Check everything and print the plan; write nothing.")
 @click.option("--workers", type=click.IntRange(1, 64), help="Tensors merged at once (default: cores + 1, at most 8).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def merge(project, out, force, dry_run, workers, no_progress):
+@click.option("--device", help="Where tensor-wise methods compute: cpu, cuda or cuda:N (overrides [output] device).")
+def merge(project, out, force, dry_run, workers, no_progress, device):
     """Merge the models of PROJECT into one model (each stage in turn for a multi-stage project)."""
     from . import core, engine
     from .target import protected_folders
@@ -90,14 +91,16 @@ def merge(project, out, force, dry_run, workers, no_progress):
 
     registry = core.get_registry()
     _warn_broken_plugins(registry)
-    proj, _ = core.load_project(project, registry)
+    proj, method = core.load_project(project, registry)
     target = out or proj.output_path
     if target is None:
         raise MixcliError(f"{proj.where}: no output path; add [output] path = \"...\" or pass --out")
+    device = _merge_device(device, proj, method)
     if not dry_run:  # before anything is read
         engine.check_target(Path(target).absolute(), force, protected_folders(proj), proj.file)
     prepared = core.prepare(project)
     prepared.project.output_path = Path(target)
+    prepared.project.device = device
     workers = workers or engine.default_workers()
     if dry_run:
         _print_plan(core.describe(prepared, workers), target)
@@ -118,6 +121,21 @@ def merge(project, out, force, dry_run, workers, no_progress):
 
         results = evaluate_project(prepared.project, written, registry)
         render_results(results, _console())
+
+
+def _merge_device(option: str | None, proj, method) -> str:
+    """--device, else [output] device: checked to be there before anything is read."""
+    from .components import MergeMethod
+    from .engine import require_device
+    from .project import check_device
+
+    where = "--device" if option else f"{proj.where}: [output] device"
+    device = check_device(option, where) if option else proj.device
+    require_device(device, where)
+    if device != "cpu" and not isinstance(method, MergeMethod):
+        _console(stderr=True).print(f"[yellow]warning:[/] {where}: method '{method.name}' is not tensor-wise "
+                                    "and computes on the CPU", soft_wrap=True)
+    return device
 
 
 def _print_plan(plan: dict, target) -> None:

@@ -20,10 +20,26 @@ from .safetensors_io import ShardedWriter
 from .target import (MARKER, SignalGuard, check_target, is_no_space, make_scratch, remove_leftovers,
                      target_lock, unwritable)
 
-__all__ = ["check_target", "write_plan", "default_workers"]
+__all__ = ["check_target", "write_plan", "default_workers", "require_device"]
 
 DONOR_FILES = ("generation_config.json",)
 SPACE_MARGIN = 16 * 2**20
+
+
+def require_device(device: str, where: str) -> None:
+    """Fail in one line, before anything is read, when ``device`` is not there."""
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "" if torch.version.cuda else ", a build without CUDA"
+        raise MixcliError(f"{where}: device '{device}' asked, but torch {torch.__version__}{build} finds no "
+                          "CUDA device; use \"cpu\" or run where a GPU is visible")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise MixcliError(f"{where}: device '{device}' asked, but only {torch.cuda.device_count()} CUDA "
+                          f"device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
 def _check_space(folder: Path, needed: int, target: Path) -> None:

@@ -20,7 +20,7 @@ METHOD_KEYS = ("name", "base", "seed", "dtype", "compute_dtype", "overrides")
 SLICE_KEYS = ("sources", "base")
 SOURCE_KEYS = ("model", "layer_range")
 OVERRIDE_KEYS = ("match", "models")
-OUTPUT_KEYS = ("path", "dtype", "shard_size", "copy_tokenizer")
+OUTPUT_KEYS = ("path", "dtype", "shard_size", "copy_tokenizer", "device")
 DEFAULT_SHARD_SIZE = 2 * 10**9
 
 
@@ -91,6 +91,7 @@ class Project:
     text: str
     sections: dict = field(default_factory=dict)  # method-specific top-level tables, e.g. [tune]
     tokenizer: Any = None  # mixcli.vocabulary.TokenizerSettings, from [tokenizer]
+    device: str = "cpu"  # where tensor-wise methods compute ([output] device, --device)
 
     @property
     def where(self) -> str:
@@ -112,6 +113,15 @@ def _str(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise MixcliError(f"{where} must be a non-empty string")
     return value
+
+
+def check_device(value: Any, where: str) -> str:
+    """A torch device name mixcli computes on: "cpu", "cuda" or "cuda:N"."""
+    name = value if isinstance(value, str) else ""
+    kind, colon, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
+        raise MixcliError(f"{where} must be \"cpu\", \"cuda\" or \"cuda:N\", got {value!r}")
+    return name
 
 
 def _dtype(value: Any, where: str) -> str | None:
@@ -268,7 +278,7 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         out_dtype=_dtype(output.get("dtype"), f"{name}: [output] dtype"),
         shard_size=parse_size(output.get("shard_size", DEFAULT_SHARD_SIZE), f"{name}: [output] shard_size"),
         copy_tokenizer=copy_tokenizer, evaluations=evaluations, text=text, sections=sections,
-        tokenizer=tokenizer)
+        tokenizer=tokenizer, device=check_device(output.get("device", "cpu"), f"{name}: [output] device"))
 
 
 def check(project: Project, registry) -> Any:

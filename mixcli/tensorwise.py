@@ -3,6 +3,7 @@ through [[slices]]), with every parameter resolved per tensor before anything is
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import reduce
 
@@ -196,6 +197,7 @@ class _Compute:
     def __init__(self, planner, name, reads, base_index, others, shared, per_model, seed, out_code, floating,
                  rows=None):
         self.method = planner.method
+        self.project = planner.project  # its device is read when computing: --device sets it after planning
         self.load_dtype = planner.project.dtype
         self.compute_dtype = planner.compute_dtype
         self.name, self.reads, self.base_index, self.others = name, reads, base_index, others
@@ -221,6 +223,9 @@ class _Compute:
                                       f"('{self.reads[0][0].name}' and '{ckpt.name}'); it cannot be merged")
             result = tensors[0]
         else:
+            device = self.project.device
+            if device != "cpu":
+                tensors = [t.to(device) for t in tensors]
             if self.load_dtype:
                 tensors = [t.to(getattr(torch, self.load_dtype)) for t in tensors]
             working = reduce(torch.promote_types, (t.dtype for t in tensors))
@@ -233,18 +238,20 @@ class _Compute:
             kwargs.update(self.per_model)
             if self.seed is not None:
                 kwargs["seed"] = self.seed
-            if target is not None and self.method.accepts_out and target.dtype == working:
+            if target is not None and self.method.accepts_out and target.dtype == working and device == "cpu":
                 kwargs["out"] = target  # computed straight into the output file
             base = tensors[self.base_index] if self.base_index is not None else None
             try:
-                result = self.method.merge([tensors[i] for i in self.others], base, **kwargs)
+                # on a device, tensors the method creates (buffers, weights) default to it too
+                with torch.device(device) if device != "cpu" else contextlib.nullcontext():
+                    result = self.method.merge([tensors[i] for i in self.others], base, **kwargs)
             except MixcliError as error:
                 raise MixcliError(f"tensor '{self.name}': {error}") from None
             if tuple(result.shape) != tuple(tensors[0].shape):
                 raise RuntimeError(f"method '{self.method.name}' returned shape {list(result.shape)} for "
                                    f"'{self.name}', expected {list(tensors[0].shape)}")
         if target is None:
-            return result.to(torch_dtype(self.out_code))
+            return result.to(torch_dtype(self.out_code)).cpu()
         if result is not target:
             target.copy_(result)
         return target

@@ -252,10 +252,12 @@ class BernoulliSelection:
             before = after = 0.0
             for a, b in chunks(source.n):
                 part = source.chunk(a, b)
-                mask = torch.rand(b - a, generator=generator) < self.p
+                # drawn on the generator's device (the CPU), whatever the tensors' device:
+                # the same masks as a CPU merge
+                mask = torch.rand(b - a, generator=generator, device=generator.device) < self.p
                 self.packed.append(np.packbits(mask.numpy()))
                 before += float(part.abs().sum(dtype=torch.float32))
-                after += float(part.mul_(mask).abs().sum(dtype=torch.float32))
+                after += float(part.mul_(mask.to(part.device)).abs().sum(dtype=torch.float32))
             work = torch.float32 if source.dtype == torch.float16 else source.dtype
             before_t, after_t = torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
             if before_t >= RESCALE_EPS and after_t >= RESCALE_EPS:
@@ -263,13 +265,13 @@ class BernoulliSelection:
 
     def apply(self, c: int, part):
         if self.packed is None:
-            mask = torch.rand(part.numel(), generator=self.generator) < self.p
+            mask = torch.rand(part.numel(), generator=self.generator, device=self.generator.device) < self.p
         else:
             import numpy as np
 
             bits = np.unpackbits(self.packed[c], count=part.numel())
             mask = torch.from_numpy(bits.view(np.bool_))
-        part.mul_(mask)
+        part.mul_(mask.to(part.device))
         if self.ratio is not None:
             part.mul_(self.ratio)
         return part
@@ -310,7 +312,7 @@ def della(delta, density: float, epsilon: float, generator, rescale: bool = Fals
     prob = ranks.to(work).div_(width - 1).clamp_(0, 1).mul_(2 * epsilon).add_(density - epsilon)
     del order, ranks
     before = _l1(delta) if rescale else None
-    keep = torch.rand(rows.shape, generator=generator) < prob
+    keep = torch.rand(rows.shape, generator=generator, device=generator.device).to(prob.device) < prob
     rows = rows.mul_(keep) if rows.data_ptr() == delta.data_ptr() else rows.mul(keep)
     delta = rows.view(delta.shape)
     if rescale:
