@@ -160,6 +160,34 @@ def test_stem_average_and_task_arithmetic(tmp_path, llama_family):
     assert torch.allclose(tiny_models.load_tensors(tmp_path / "ta" / "out")[name], want, atol=1e-5)
 
 
+def test_stem_head_merges_tied_and_untied_models_in_either_role(tmp_path, llama_family, tied_family):
+    untied, tied = tiny_models.load_tensors(llama_family["ft2"]), tiny_models.load_tensors(tied_family["ft1"])
+    want = (tied["model.embed_tokens.weight"] + untied["lm_head.weight"]) / 2
+    for base in (llama_family["base"], tied_family["base"]):  # an untied, then a tied base
+        folder = tmp_path / base.parent.name
+        folder.mkdir()
+        project = write_project(folder, f"""
+[models]
+base = "{base}"
+t = "{tied_family['ft1']}"
+u = "{llama_family['ft2']}"
+[method]
+name = "moe_merge"
+base = "base"
+experts = ["t", "u"]
+gate_mode = "uniform_random"
+stem = "average"
+[output]
+path = "out"
+""")
+        run("merge", project)
+        out = tiny_models.load_tensors(folder / "out")
+        assert torch.allclose(out["lm_head.weight"], want, atol=1e-7)
+        assert json.loads((folder / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder / "out")
+        assert torch.equal(model.lm_head.weight.detach(), out["lm_head.weight"])
+
+
 # ---------------------------------------------------------------- router initialisation
 
 def test_random_and_uniform_routers_match_the_seeded_draws(tmp_path, llama_family):

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from mixcli import MixcliError
-from mixcli.architecture import check_layer_count, layout_of
+from mixcli.architecture import check_layer_count, head_name, head_source, is_tied, layout_of
 from mixcli.plan import OutputPlan, OutputTensor, output_dtype_name
 from mixcli.seeding import derive_seed
 
@@ -64,6 +64,8 @@ def check_models(context, recipe: Recipe, where: str) -> None:
                               "architecture")
         for tensor, info in base.tensors.items():
             theirs = other.tensors.get(tensor)
+            if theirs is None and tensor == head_name(other) and is_tied(other):
+                theirs = other.tensors[head_source(other)]  # a tied model's head is its embedding
             if theirs is None:
                 raise MixcliError(f"{where}: model '{name}' has no tensor '{tensor}' that the base "
                                   f"'{recipe.base}' has; all models must share one architecture")
@@ -248,6 +250,12 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
             continue
         tensors.append(stem_tensor(stem_plan, tensor_name, code, context))
 
+    head = head_name(base)
+    if (head is not None and head not in base.tensors and stem_plan.kind != "base"
+            and any(head in ckpt.tensors for ckpt in stem_plan.sources)):
+        # a tied base and untied experts: the merged stem has a head, tied ones giving their embedding
+        tensors.append(stem_tensor(stem_plan, head, code, context))
+
     for layer in range(layers_count):
         if custom and not ("mlp" in recipe.modules and layer in mixed):
             continue
@@ -290,6 +298,8 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
 
     config = output_config(cfg, experts=count, k=k, dtype=output_dtype_name(code), modules=recipe.modules,
                            layers=recipe.layers, aux_loss_coef=recipe.aux_loss_coef)
+    if head is not None and any(t.name == head for t in tensors):
+        config["tie_word_embeddings"] = False  # a written head must not be replaced by the embedding
     check_names(config, {t.name for t in tensors}, layout)
     counts = parameter_counts(tensors, names, count, k)
     info = {"method": method, "experts": recipe.experts, "base": recipe.base, "gate_mode": recipe.gate_mode,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mixcli import MixcliError
+from mixcli.architecture import head_source
 from mixcli.params import check_setting
 from mixcli.plan import OutputTensor
 from mixcli.seeding import derive_seed
@@ -74,8 +75,8 @@ def stem_sources(context, recipe, where: str) -> StemPlan:
 
 
 class _StemCompute:
-    def __init__(self, plan: StemPlan, name: str, code: str, seed):
-        self.plan, self.name, self.code, self.seed = plan, name, code, seed
+    def __init__(self, plan: StemPlan, base_name: str, names: list[str], code: str, seed):
+        self.plan, self.base_name, self.names, self.code, self.seed = plan, base_name, names, code, seed
 
     def __call__(self):
         import torch
@@ -83,25 +84,33 @@ class _StemCompute:
         from mixcli.safetensors_io import torch_dtype
 
         plan, dtype = self.plan, torch_dtype(self.code)
-        base = plan.base.tensor(self.name)
+        base = plan.base.tensor(self.base_name)
         if plan.kind == "base" or not base.is_floating_point():
             return base.to(dtype)
         if plan.kind == "average":
             total = torch.zeros(base.shape, dtype=torch.float32)
-            for ckpt in plan.sources:
-                total += ckpt.tensor(self.name).to(torch.float32)
+            for ckpt, name in zip(plan.sources, self.names):
+                total += ckpt.tensor(name).to(torch.float32)
             return (total / len(plan.sources)).to(dtype)
-        tensors = [ckpt.tensor(self.name).to(torch.float32) for ckpt in plan.sources]
+        tensors = [ckpt.tensor(name).to(torch.float32) for ckpt, name in zip(plan.sources, self.names)]
         kwargs = {**plan.shared, **plan.per_model}
         if self.seed is not None:
             kwargs["seed"] = self.seed
         return plan.method.merge(tensors, base.to(torch.float32), **kwargs).to(dtype)
 
 
+def _stored(ckpt, name: str) -> str:
+    """``name`` in ``ckpt``: itself, or the embedding a tied model uses as its head."""
+    return name if name in ckpt.tensors else head_source(ckpt)
+
+
 def stem_tensor(plan: StemPlan, name: str, code: str, context) -> OutputTensor:
-    info = plan.base.tensors[name]
-    reads = [(plan.base, name)] + [(ckpt, name) for ckpt in plan.sources]
+    base_name = _stored(plan.base, name)
+    names = [_stored(ckpt, name) for ckpt in plan.sources]
+    info = plan.base.tensors[base_name]
+    reads = [(plan.base, base_name)] + list(zip(plan.sources, names))
     seed = derive_seed(context.seed, name) if plan.method is not None and plan.method.random else None
     details = {"kind": "stem", "stem": plan.kind if plan.method is None else plan.method.name}
     return OutputTensor(name, info.shape, code if info.floating else info.dtype,
-                        _StemCompute(plan, name, code if info.floating else info.dtype, seed), reads, details)
+                        _StemCompute(plan, base_name, names, code if info.floating else info.dtype, seed),
+                        reads, details)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixcli import MixcliError
+from mixcli.architecture import check_layer_count
 from mixcli.plan import OutputPlan, OutputTensor
 
 from . import __version__
@@ -127,6 +128,8 @@ def plan(context, spec: Spec) -> OutputPlan:
     experts = [name for name in context.models if name != project.base]
     if not experts:
         raise MixcliError(f"{where}: {spec.method} needs at least one fine-tuned model besides the base")
+    for name, ckpt in context.models.items():
+        check_layer_count(ckpt, project.models[name].where)
     base_cfg = dict(base.config)
     backbone = _meta_backbone(base_cfg, f"{project.models[project.base].where}")
     blocks = find_blocks(backbone, spec.kinds, tuple(p.get("modules") or ()))
