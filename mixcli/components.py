@@ -50,6 +50,9 @@ class MergeMethod:
     # parameter values ``mixcli init`` writes into the template: a starting point that validates
     # and merges on models of a suitable architecture (see :data:`TEMPLATE_NOTE`)
     example: dict = dataclasses.field(default_factory=dict)
+    # parameters this method does not take that recipes for similar methods carry, each with
+    # what to do instead: the error for such a parameter says so (e.g. sce and ``weight``)
+    param_hints: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
     kind: str = "merge"
 
     @property

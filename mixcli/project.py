@@ -303,6 +303,8 @@ def check(project: Project, registry) -> Any:
                 hint = closest(key, known)
                 if key in MODEL_KEYS + METHOD_KEYS + SLICE_KEYS + SOURCE_KEYS:
                     hint = f" ('{key}' is not allowed here)"
+                if key in getattr(method, "param_hints", {}):
+                    hint = f" ({method.param_hints[key]})"
                 raise MixcliError(f"{where}: unknown parameter '{key}' for method '{method.name}'{hint}")
             if not allow_shared and not spec.per_model:
                 raise MixcliError(f"{where}: parameter '{key}' of '{method.name}' is shared by all models; "

@@ -49,7 +49,8 @@ def test_registers_all_methods_with_contracts():
     by_name = {m.name: m for m in seen}
     assert set(by_name) == {"linear", "slerp", "task_arithmetic", "ties", "dare_ties",
                             "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-                            "della_linear", "model_stock", "passthrough"}
+                            "della_linear", "model_stock", "passthrough", "nuslerp", "multislerp",
+                            "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
     assert by_name["linear"].base == "ignored" and by_name["passthrough"].base == "ignored"
     assert by_name["passthrough"].max_inputs == 1
     assert (by_name["slerp"].min_inputs, by_name["slerp"].max_inputs) == (1, 1)

@@ -6,11 +6,13 @@ One module per method; each defines a parameter dataclass, a pure tensor functio
 
 import mixcli
 
-from . import (breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
-               linear, model_stock, passthrough, slerp, task_arithmetic, ties)
+from . import (arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della,
+               della_linear, karcher, linear, model_stock, multislerp, nearswap, nuslerp,
+               passthrough, ram, ramplus_tl, sce, slerp, task_arithmetic, ties)
 
-MODULES = (linear, slerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
-           breadcrumbs_ties, della, della_linear, model_stock, passthrough)
+MODULES = (linear, slerp, nuslerp, multislerp, karcher, task_arithmetic, ties, dare_ties,
+           dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, sce, model_stock,
+           nearswap, arcee_fusion, ram, ramplus_tl, passthrough)
 
 
 @mixcli.hookimpl

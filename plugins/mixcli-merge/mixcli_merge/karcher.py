@@ -1,0 +1,107 @@
+"""karcher: the Riemannian (Karcher) mean of the models' directions, times their mean norm."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mixcli import MergeMethod, MixcliError, param
+
+from ._torch import torch
+from .sparsify import chunks
+
+
+@dataclasses.dataclass
+class Params:
+    max_iter: int = param(10, help="most fixed-point iterations (0: the normalised mean direction)", min=0)
+    tol: float = param(1e-5, help="stop when the mean tangent is shorter; norms up to it count as zero",
+                       min=0.0, min_exclusive=True)
+
+
+def karcher(tensors, base=None, *, max_iter=10, tol=1e-5):
+    """Equal-weight Karcher mean on the unit sphere of the flattened tensors, scaled by the mean
+    of all input norms. One model is returned as is.
+
+    Inputs whose norm is at most ``tol`` have no direction: they are left out of the mean
+    (their zero norm still lowers the mean norm); if none is left the result is zero. The
+    iteration starts at the normalised mean of the unit vectors (the first input's direction
+    if that mean vanishes) and moves along the mean log map until it is shorter than ``tol``.
+    Norms are float32 (float64 for float64); the rest is in the input dtype, with mergekit
+    0.1.5's operations. Unit vectors are rebuilt from the inputs when needed instead of held.
+    """
+    if not tensors[0].is_floating_point():
+        raise MixcliError("karcher needs floating-point tensors")
+    if len(tensors) == 1:
+        return tensors[0]
+    n = len(tensors)
+    alpha = 1.0 / n
+    norm_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    flats = [x.reshape(-1) for x in tensors]
+    norms = [_norm(x, norm_dtype) for x in flats]
+    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    betas = [alpha / sum(alpha for _ in valid) for _ in valid]
+    unit = torch.empty_like(flats[0])  # one unit vector at a time
+
+    def load_unit(i):
+        x, norm = flats[i], norms[i]
+        for a, b in chunks(x.numel()):
+            unit[a:b] = x[a:b] / norm
+        return unit
+
+    mean = torch.zeros_like(flats[0])
+    for beta, i in zip(betas, valid):
+        load_unit(i)
+        for a, b in chunks(mean.numel()):
+            mean[a:b] += beta * unit[a:b]
+    mean_norm = _norm(mean, norm_dtype)
+    if mean_norm.item() < tol:
+        mean = load_unit(valid[0]).clone()
+    else:
+        _scale(mean, mean_norm, divide=True)
+    tangent = torch.empty_like(mean)
+    for _ in range(max_iter):
+        tangent.zero_()
+        for beta, i in zip(betas, valid):
+            load_unit(i)
+            cos = torch.clamp(torch.dot(mean, unit), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta.item() < tol:
+                continue
+            step = beta * (theta / torch.sin(theta))
+            for a, b in chunks(mean.numel()):
+                tangent[a:b] += step * (unit[a:b] - cos * mean[a:b])
+        tangent_norm = _norm(tangent, norm_dtype)
+        if tangent_norm.item() < tol:
+            break
+        cos_step, sin_step = torch.cos(tangent_norm), torch.sin(tangent_norm)
+        for a, b in chunks(mean.numel()):
+            mean[a:b] = cos_step * mean[a:b] + sin_step * (tangent[a:b] / tangent_norm)
+        unit_norm = _norm(mean, norm_dtype)
+        if unit_norm.item() > tol:
+            _scale(mean, unit_norm, divide=True)
+    del tangent, unit
+    scale = sum(alpha * norm for norm in norms)
+    return _scale(mean, scale).view(tensors[0].shape)
+
+
+def _norm(x, dtype):
+    """``‖x‖`` in ``dtype`` (a 0-dim tensor), computed as mergekit does: on ``x`` converted whole."""
+    return torch.linalg.vector_norm(x.to(dtype))
+
+
+def _scale(x, factor, divide=False):
+    """``x * factor`` (or ``x / factor``) in place, chunk by chunk, rounded to ``x``'s dtype."""
+    for a, b in chunks(x.numel()):
+        x[a:b] = x[a:b] / factor if divide else factor * x[a:b]
+    return x
+
+
+METHOD = MergeMethod(
+    name="karcher",
+    summary="Karcher (Riemannian) mean of the models' directions, scaled by their mean norm",
+    merge=karcher,
+    params=Params,
+    base="ignored",
+    min_inputs=1,
+)

@@ -1,0 +1,87 @@
+"""sce (FuseChat, arXiv 2408.07990): select high-variance entries, weight the task vectors by
+their mean square, erase entries against the elected sign."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mixcli import MergeMethod, MixcliError, param
+
+from ._torch import torch
+from .sparsify import chunks
+
+_EQUAL_WEIGHTS_BELOW = 1e-6  # mergekit: a smaller sum of mean squares means equal weights
+
+
+@dataclasses.dataclass
+class Params:
+    select_topk: float = param(1.0, help="fraction of the entries with non-zero variance across the "
+                                         "models that are kept (1 = all)", min=0.0, max=1.0)
+    int8_mask: bool = param(False, help="store masks as int8 (memory only; same result)")
+
+
+def sce(tensors, base, *, select_topk=1.0, int8_mask=False):
+    """``base + Σ_i w_i m_i τ_i / max(Σ_i w_i m_i, 1e-6)`` with ``τ_i = X_i - base``.
+
+    With ``select_topk < 1`` every τ keeps only the ``⌊select_topk · #(var ≠ 0)⌋`` entries of
+    largest variance across the models. ``m_i`` marks entries whose sign matches the sign of
+    ``Σ_i τ_i`` (+ for 0). ``w_i = mean(τ_i²) / Σ_j mean(τ_j²)``, or ``1/n`` when that sum is
+    below 1e-6 (mergekit's absolute threshold, kept for parity). Works in the input dtype with
+    mergekit 0.1.5's operations; the combination runs in chunks.
+    """
+    if base is None:
+        raise MixcliError("sce needs a base model")
+    if not tensors:
+        return base
+    dtype = base.dtype
+    mask_dtype = torch.int8 if int8_mask else dtype
+    deltas = torch.stack([x - base for x in tensors], dim=0)
+    flat = deltas.view(len(tensors), -1)
+    if select_topk < 1:
+        flat.mul_(_variance_mask(deltas, select_topk, mask_dtype).view(1, -1))
+    squares = flat.square()
+    means = squares.mean(dim=1)
+    del squares
+    total = torch.sum(means).item()
+    if abs(total) < _EQUAL_WEIGHTS_BELOW:
+        weights = torch.ones_like(means) / means.shape[0]
+    else:
+        weights = means / total
+    column = weights.view(-1, 1)
+    out = torch.empty(base.shape, dtype=dtype)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    for a, b in chunks(flat.shape[1]):
+        part = flat[:, a:b]
+        elected = (part.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+        erased = column * (part.sign().to(mask_dtype) == elected)
+        merged = (part * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+        torch.add(flat_base[a:b], merged, out=flat_out[a:b])
+    return out
+
+
+def _variance_mask(deltas, select_topk: float, mask_dtype):
+    """1 at the ``⌊select_topk · #(var ≠ 0)⌋`` entries of largest population variance across
+    the models (``torch.topk``'s choice among ties), else 0."""
+    if select_topk <= 0:
+        return torch.zeros_like(deltas[0], dtype=mask_dtype)
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(variance) * select_topk)
+    mask = torch.zeros_like(variance, dtype=mask_dtype)
+    if k == 0:
+        return mask
+    _, indices = torch.topk(variance.abs().view(-1), k=k, largest=True)
+    mask.view(-1)[indices] = 1
+    return mask
+
+
+METHOD = MergeMethod(
+    name="sce",
+    summary="SCE: variance selection, mean-square weights and sign erase (FuseChat)",
+    merge=sce,
+    params=Params,
+    base="required",
+    min_inputs=1,
+    # mergekit ignores these in sce recipes (often copied from ties); here they are errors
+    param_hints={key: "sce computes its own weights and keeps entries by variance; use select_topk"
+                 for key in ("weight", "density", "lambda", "normalize", "rescale")},
+)
