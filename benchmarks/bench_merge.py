@@ -2,11 +2,12 @@
 
 Builds (once, seeded) three Llama-layout models -- hidden 2048, intermediate 5632, 16 layers,
 16 heads, 4 KV heads, vocabulary 32000, untied head: 0.853 B parameters, 1.7 GB each in
-500 MB shards -- then runs `mixcli merge` for linear, ties, dare_ties and slerp with the
+500 MB shards -- then runs `mixcli merge` for linear, ties, dare_ties and slerp (``--only all``
+adds nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion, ram and ramplus_tl) with the
 page cache warm, printing wall seconds, peak RSS (heap and mapped file pages apart) and the
 input read rate.
 
-    python benchmarks/bench_merge.py [--root .bench] [--only linear,ties] [--workers N] [--repeat N]
+    python benchmarks/bench_merge.py [--root .bench] [--only linear,ties|all] [--workers N] [--repeat N]
 """
 
 from __future__ import annotations
@@ -64,7 +65,86 @@ base = "ft1"
 dtype = "bfloat16"
 t = [{{ filter = "self_attn", value = [0, 0.5, 0.3, 0.7, 1] }}, {{ filter = "mlp", value = [1, 0.5, 0.7, 0.3, 0] }}, {{ value = 0.5 }}]
 """,
+    "nuslerp": """
+[models]
+base = "base"
+ft1 = {{ path = "ft1", weight = 0.6 }}
+ft2 = {{ path = "ft2", weight = 0.4 }}
+[method]
+name = "nuslerp"
+base = "base"
+dtype = "bfloat16"
+""",
+    "multislerp": """
+[models]
+base = "base"
+ft1 = {{ path = "ft1", weight = 0.6 }}
+ft2 = {{ path = "ft2", weight = 0.4 }}
+[method]
+name = "multislerp"
+base = "base"
+dtype = "bfloat16"
+""",
+    "karcher": """
+[models]
+base = "base"
+ft1 = "ft1"
+ft2 = "ft2"
+[method]
+name = "karcher"
+dtype = "bfloat16"
+""",
+    "sce": """
+[models]
+base = "base"
+ft1 = "ft1"
+ft2 = "ft2"
+[method]
+name = "sce"
+base = "base"
+dtype = "bfloat16"
+""",
+    "nearswap": """
+[models]
+base = "base"
+ft1 = "ft1"
+[method]
+name = "nearswap"
+base = "base"
+t = 0.0001
+dtype = "bfloat16"
+""",
+    "arcee_fusion": """
+[models]
+base = "base"
+ft1 = "ft1"
+[method]
+name = "arcee_fusion"
+base = "base"
+dtype = "bfloat16"
+""",
+    "ram": """
+[models]
+base = "base"
+ft1 = "ft1"
+ft2 = "ft2"
+[method]
+name = "ram"
+base = "base"
+dtype = "bfloat16"
+""",
+    "ramplus_tl": """
+[models]
+base = "base"
+ft1 = "ft1"
+ft2 = "ft2"
+[method]
+name = "ramplus_tl"
+base = "base"
+dtype = "bfloat16"
+""",
 }
+DEFAULT = "linear,ties,dare_ties,slerp"  # --only all: every recipe
 
 
 def tensor_shapes():
@@ -143,22 +223,22 @@ def measure(command: list[str], cwd: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path(".bench"))
-    parser.add_argument("--only", default=",".join(RECIPES))
+    parser.add_argument("--only", default=DEFAULT, help="comma-separated recipes, or 'all'")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--repeat", type=int, default=1, help="runs per method; the table shows each")
     args = parser.parse_args()
     root = args.root.absolute()
     build(root)
     inputs = {name: sum(f.stat().st_size for f in (root / name).glob("*.safetensors")) for name in ("base", "ft1", "ft2")}
-    print(f"{'method':<10} {'wall s':>8} {'max RSS MiB':>12} {'peak anon MiB':>14} {'peak file MiB':>14} {'input GB/s':>11}")
-    for method in args.only.split(","):
+    print(f"{'method':<12} {'wall s':>8} {'max RSS MiB':>12} {'peak anon MiB':>14} {'peak file MiB':>14} {'input GB/s':>11}")
+    for method in (list(RECIPES) if args.only == "all" else args.only.split(",")):
         recipe = RECIPES[method].format()
         project = root / f"{method}.toml"
         project.write_text(recipe + f'[output]\npath = "out-{method}"\nshard_size = "2GB"\ncopy_tokenizer = false\n')
         read = sum(size for name, size in inputs.items() if name in recipe)
         for _ in range(args.repeat):
             result = run_once(root, method, project, args.workers)
-            print(f"{method:<10} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
+            print(f"{method:<12} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
                   f"{result['peak_file_mib']:>14.0f} {read / 1e9 / result['wall_s']:>11.2f}", flush=True)
 
 

@@ -545,3 +545,20 @@ def test_parity_with_mergekit():
             continue
         assert float(max_diff) == 0 and int(differing) == 0, line
     assert seen == set(names), result.stdout
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("nuslerp", {"weight": [0.4, 0.6]}), ("nuslerp", {"weight": [0.4, 0.6], "nuslerp_flatten": False}),
+    ("karcher", {}), ("sce", {"select_topk": 0.5}), ("nearswap", {"t": 0.01}), ("arcee_fusion", {"seed": 3}),
+    ("ram", {}), ("ramplus_tl", {}),
+])
+def test_out_argument_gives_the_same_result(name, kwargs):
+    method = get_registry().methods[name]
+    assert method.accepts_out
+    base = rand(64, 48, seed=30)
+    xs = [base + rand(64, 48, seed=31 + i, scale=0.01) for i in range(2 if (method.max_inputs or 2) > 1 else 1)]
+    base_arg = None if method.base == "ignored" else base
+    want = method.merge(xs, base_arg, **kwargs)
+    target = torch.full_like(base, NAN)
+    got = method.merge(xs, base_arg, out=target, **kwargs)
+    assert got is target and torch.equal(got, want)

@@ -20,7 +20,7 @@ class Params:
     """arcee_fusion has no parameters."""
 
 
-def arcee_fusion(tensors, base, *, seed=0):
+def arcee_fusion(tensors, base, *, seed=0, out=None):
     """``base + (X - base) · [I >= Q2 + 1.5 (Q3 - Q1)]`` with importance ``I = |X - base| · KL``,
     ``KL = Σ p log(p / q)`` per row of the last dimension, ``p = softmax(X) + 1e-8`` and
     ``q = softmax(base) + 1e-8``; ``Q1..Q3`` are the quartiles of ``I`` (the sorted entry at
@@ -50,7 +50,8 @@ def arcee_fusion(tensors, base, *, seed=0):
         del p, q
         torch.mul((rows_x[a:a + step] - rows_b[a:a + step]).abs(), kl, out=rows_i[a:a + step])
     threshold = _fence(importance.view(-1), seed)
-    out = torch.empty_like(base)
+    if out is None:
+        out = torch.empty_like(base)
     flat_out, flat_x, flat_b, flat_i = out.view(-1), x.reshape(-1), base.reshape(-1), importance.view(-1)
     for a, b in chunks(flat_out.numel()):
         keep = (flat_i[a:b] >= threshold).float()
@@ -83,4 +84,5 @@ METHOD = MergeMethod(
     max_inputs=1,
     random=True,
     partial_tensors="singleton",
+    accepts_out=True,
 )

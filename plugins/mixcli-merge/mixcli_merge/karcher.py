@@ -17,7 +17,7 @@ class Params:
                        min=0.0, min_exclusive=True)
 
 
-def karcher(tensors, base=None, *, max_iter=10, tol=1e-5):
+def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
     """Equal-weight Karcher mean on the unit sphere of the flattened tensors, scaled by the mean
     of all input norms. One model is returned as is.
 
@@ -31,7 +31,7 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5):
     if not tensors[0].is_floating_point():
         raise MixcliError("karcher needs floating-point tensors")
     if len(tensors) == 1:
-        return tensors[0]
+        return tensors[0] if out is None else out.copy_(tensors[0])
     n = len(tensors)
     alpha = 1.0 / n
     norm_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
@@ -39,7 +39,7 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5):
     norms = [_norm(x, norm_dtype) for x in flats]
     valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
     if not valid:
-        return torch.zeros_like(tensors[0])
+        return torch.zeros_like(tensors[0]) if out is None else out.zero_()
     betas = [alpha / sum(alpha for _ in valid) for _ in valid]
     unit = torch.empty_like(flats[0])  # one unit vector at a time
 
@@ -49,14 +49,14 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5):
             unit[a:b] = x[a:b] / norm
         return unit
 
-    mean = torch.zeros_like(flats[0])
+    mean = torch.zeros_like(flats[0]) if out is None else out.view(-1).zero_()  # the result's storage
     for beta, i in zip(betas, valid):
         load_unit(i)
         for a, b in chunks(mean.numel()):
             mean[a:b] += beta * unit[a:b]
     mean_norm = _norm(mean, norm_dtype)
     if mean_norm.item() < tol:
-        mean = load_unit(valid[0]).clone()
+        mean.copy_(load_unit(valid[0]))
     else:
         _scale(mean, mean_norm, divide=True)
     tangent = torch.empty_like(mean)
@@ -82,12 +82,14 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5):
             _scale(mean, unit_norm, divide=True)
     del tangent, unit
     scale = sum(alpha * norm for norm in norms)
-    return _scale(mean, scale).view(tensors[0].shape)
+    _scale(mean, scale)
+    return mean.view(tensors[0].shape) if out is None else out
 
 
 def _norm(x, dtype):
-    """``‖x‖`` in ``dtype`` (a 0-dim tensor), computed as mergekit does: on ``x`` converted whole."""
-    return torch.linalg.vector_norm(x.to(dtype))
+    """``‖x‖`` in ``dtype`` (a 0-dim tensor). mergekit converts ``x`` to ``dtype`` first; the norm
+    kernel converting as it reads gives the same bits without the whole float32 copy."""
+    return torch.linalg.vector_norm(x, dtype=dtype)
 
 
 def _scale(x, factor, divide=False):
@@ -104,4 +106,5 @@ METHOD = MergeMethod(
     params=Params,
     base="ignored",
     min_inputs=1,
+    accepts_out=True,
 )

@@ -29,7 +29,7 @@ def interpolation_factor(weight) -> float:
     return 0.5 if abs(total) < 1e-6 else w2 / total
 
 
-def nuslerp(tensors, base=None, *, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
+def nuslerp(tensors, base=None, *, weight, nuslerp_flatten=True, nuslerp_row_wise=False, out=None):
     """Spherical interpolation from ``tensors[0]`` (t = 0) to ``tensors[1]`` (t = 1) at
     ``t = w_2 / (w_1 + w_2)``; with a base, of the task vectors ``X_i - base``, added back.
 
@@ -47,16 +47,21 @@ def nuslerp(tensors, base=None, *, weight, nuslerp_flatten=True, nuslerp_row_wis
     else:
         v0, v1 = tensors
     shape = v0.shape
+    if out is None:
+        out = torch.empty(shape, dtype=v0.dtype)
     if nuslerp_flatten or v0.dim() == 0:
-        result = _slerp_flat(t, v0.reshape(-1), v1.reshape(-1))
+        _slerp_flat(t, v0.reshape(-1), v1.reshape(-1), out.view(-1))
     else:
         if nuslerp_row_wise:  # vectors along dimension 0: swap it with the last
             v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
         result = _slerp_rows(t, v0, v1)
-        if nuslerp_row_wise:
-            result = result.transpose(0, -1)
-    result = result.reshape(shape)
-    return result if base is None else result.add_(base)
+        out.copy_(result.transpose(0, -1) if nuslerp_row_wise else result)
+    del v0, v1
+    if base is not None:
+        flat_out, flat_base = out.view(-1), base.reshape(-1)
+        for a, b in chunks(flat_out.numel()):
+            flat_out[a:b].add_(flat_base[a:b])
+    return out
 
 
 def _coefficients(t: float, cos):
@@ -66,7 +71,7 @@ def _coefficients(t: float, cos):
     return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), collinear
 
 
-def _slerp_flat(t: float, v0, v1):
+def _slerp_flat(t: float, v0, v1, out):
     """One vector per tensor: the two norms and the cosine are whole-tensor reductions (as
     mergekit computes them); everything elementwise runs in chunks, so only the product
     whose sum is the cosine is held whole."""
@@ -78,7 +83,6 @@ def _slerp_flat(t: float, v0, v1):
     cos = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
     del product
     s0, s1, sin_theta, collinear = _coefficients(t, cos)
-    out = torch.empty_like(v0)
     linear = bool(collinear)
     for a, b in chunks(v0.numel()):
         x0, x1 = v0[a:b], v1[a:b]
@@ -116,4 +120,5 @@ METHOD = MergeMethod(
     max_inputs=2,
     partial_tensors="singleton",
     check=check,
+    accepts_out=True,
 )

@@ -20,7 +20,7 @@ class Params:
     int8_mask: bool = param(False, help="store masks as int8 (memory only; same result)")
 
 
-def sce(tensors, base, *, select_topk=1.0, int8_mask=False):
+def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
     """``base + Σ_i w_i m_i τ_i / max(Σ_i w_i m_i, 1e-6)`` with ``τ_i = X_i - base``.
 
     With ``select_topk < 1`` every τ keeps only the ``⌊select_topk · #(var ≠ 0)⌋`` entries of
@@ -32,7 +32,7 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False):
     if base is None:
         raise MixcliError("sce needs a base model")
     if not tensors:
-        return base
+        return base if out is None else out.copy_(base)
     dtype = base.dtype
     mask_dtype = torch.int8 if int8_mask else dtype
     deltas = torch.stack([x - base for x in tensors], dim=0)
@@ -48,7 +48,8 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False):
     else:
         weights = means / total
     column = weights.view(-1, 1)
-    out = torch.empty(base.shape, dtype=dtype)
+    if out is None:
+        out = torch.empty(base.shape, dtype=dtype)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     for a, b in chunks(flat.shape[1]):
         part = flat[:, a:b]
@@ -81,6 +82,7 @@ METHOD = MergeMethod(
     params=Params,
     base="required",
     min_inputs=1,
+    accepts_out=True,
     # mergekit ignores these in sce recipes (often copied from ties); here they are errors
     param_hints={key: "sce computes its own weights and keeps entries by variance; use select_topk"
                  for key in ("weight", "density", "lambda", "normalize", "rescale")},
