@@ -69,6 +69,14 @@ def _warn_broken_plugins(registry) -> None:
         _console(stderr=True).print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
 
 
+def _show_warnings(prepared) -> None:
+    """What is odd in the project and its plan; under --strict the first one is the error."""
+    from .errors import warn
+
+    for message in prepared.all_warnings():
+        warn(message)
+
+
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
@@ -81,9 +89,18 @@ def _gb(nbytes: int) -> str:
 @click.option("--workers", type=click.IntRange(1, 64), help="Tensors merged at once (default: cores + 1, at most 8).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--device", help="Where tensor-wise methods compute: cpu, cuda or cuda:N (overrides [output] device).")
-def merge(project, out, force, dry_run, workers, no_progress, device):
+@click.option("--strict", is_flag=True, help="Treat warnings (unmatched filters, NaN inputs...) as errors.")
+def merge(project, out, force, dry_run, workers, no_progress, device, strict):
     """Merge the models of PROJECT into one model (each stage in turn for a multi-stage project)."""
+    from .errors import strict_warnings
+
+    with strict_warnings(strict):
+        _merge(project, out, force, dry_run, workers, no_progress, device)
+
+
+def _merge(project, out, force, dry_run, workers, no_progress, device):
     from . import core, engine
+    from .errors import warn
     from .target import protected_folders
 
     if _is_multistage(project):
@@ -99,6 +116,7 @@ def merge(project, out, force, dry_run, workers, no_progress, device):
     if not dry_run:  # before anything is read
         engine.check_target(Path(target).absolute(), force, protected_folders(proj), proj.file)
     prepared = core.prepare(project)
+    _show_warnings(prepared)
     prepared.project.output_path = Path(target)
     prepared.project.device = device
     workers = workers or engine.default_workers()
@@ -106,11 +124,15 @@ def merge(project, out, force, dry_run, workers, no_progress, device):
         _print_plan(core.describe(prepared, workers), target)
         return
     recipe = core.recipe(prepared.project)
+    shown = {name: len(plan.warnings) for name, plan in prepared.plans.items()}
     written = engine.write_plan(prepared.plan, Path(target), force=force, shard_size=proj.shard_size,
                                 card=core.model_card(prepared, recipe), recipe=recipe,
                                 copy_tokenizer=proj.copy_tokenizer, workers=workers,
                                 progress=not no_progress,
                                 protected=protected_folders(proj, prepared.models), project_file=proj.file)
+    for name, plan in prepared.plans.items():
+        for message in plan.warnings[shown[name]:]:  # found while writing (NaN inputs)
+            warn(message)
     plans = prepared.plans.values()
     _console().print(f"[green]wrote[/] {written} ({sum(len(p.tensors) for p in plans)} tensors, "
                      f"{_gb(sum(p.output_bytes for p in plans))})")
@@ -170,14 +192,23 @@ def _shown(value) -> str:
 
 @cli.command()
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
-def validate(project):
+@click.option("--strict", is_flag=True, help="Treat warnings (filters that match no tensor...) as errors.")
+def validate(project, strict):
     """Check PROJECT: syntax, method, parameters, models, tensor names and shapes."""
+    from .errors import strict_warnings
+
+    with strict_warnings(strict):
+        _validate(project)
+
+
+def _validate(project):
     from . import core
 
     if _is_multistage(project):
         return _check_stages(project)
 
     prepared = core.prepare(project)
+    _show_warnings(prepared)
     count = sum(len(plan.tensors) for plan in prepared.plans.values())
     _console().print(f"[green]ok[/] {project}: {prepared.project.method}, {len(prepared.models)} models, "
                      f"{count} output tensors")
@@ -221,6 +252,7 @@ def _check_ready_stages(path: Path, order, print_plan: bool) -> list[str]:
             deferred.append(stage.name)
             continue
         prepared = core.prepare(stage.file, multi.stage_text(stage, path))
+        _show_warnings(prepared)
         if print_plan:
             _print_plan(core.describe(prepared, engine.default_workers()), stage.output)
     return deferred

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -14,7 +14,7 @@ from .errors import MixcliError
 from .params import NOTHING, resolve
 from .plan import BuildContext, OutputPlan
 from .plugins import Registry, get_registry
-from .project import Project, check, read_project
+from .project import Project, check, read_project, unmatched_filters
 
 
 @dataclass
@@ -26,10 +26,14 @@ class Prepared:
     models: dict[str, Checkpoint]
     plan: OutputPlan | dict[str, OutputPlan]  # a dict: several output models, by subfolder
     registry: Registry
+    warnings: list[str] = field(default_factory=list)  # about the project; the plans keep their own
 
     @property
     def plans(self) -> dict[str, OutputPlan]:
         return self.plan if isinstance(self.plan, dict) else {"": self.plan}
+
+    def all_warnings(self) -> list[str]:
+        return self.warnings + [w for plan in self.plans.values() for w in plan.warnings]
 
 
 def load_project(path: str | Path, registry: Registry | None = None,
@@ -103,7 +107,11 @@ def prepare(path: str | Path, text: str | None = None) -> Prepared:
     project, method = load_project(path, registry, text)
     models = open_models(project, registry)
     plan = build_plan(project, method, models)
-    return Prepared(project, method, models, plan, registry)
+    prepared = Prepared(project, method, models, plan, registry)
+    names = {name for one in prepared.plans.values() for tensor in one.tensors
+             for name in [tensor.name, *(read for _, read in tensor.reads)]}
+    prepared.warnings += unmatched_filters(project, names)
+    return prepared
 
 
 def recipe(project: Project) -> str:

@@ -1,4 +1,7 @@
-"""The one exception type a user ever sees: a one-line message saying what to fix."""
+"""The one exception type a user ever sees: a one-line message saying what to fix; and
+warnings, for what is odd but legal."""
+
+import contextlib
 
 
 class MixcliError(Exception):
@@ -20,9 +23,43 @@ def closest(name: str, choices) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+_strict = False  # set by --strict: every warning is an error
+
+
+@contextlib.contextmanager
+def strict_warnings(on: bool = True):
+    """Within this block every warning is raised as a MixcliError (``--strict``), so a run
+    stops before anything is written."""
+    global _strict
+    previous, _strict = _strict, on
+    try:
+        yield
+    finally:
+        _strict = previous
+
+
+def _strict_error(message: str) -> MixcliError:
+    return MixcliError(f"{message} (an error with --strict)")
+
+
 def warn(message: str) -> None:
-    """Odd but legal input: one line on stderr, the run goes on."""
+    """Odd but legal input: one line on stderr, the run goes on (an error under --strict)."""
+    if _strict:
+        raise _strict_error(message)
     from rich.console import Console
     from rich.markup import escape
 
     Console(stderr=True, highlight=False).print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+class Warnings(list):
+    """Odd but legal things noticed while planning or writing a plan, one line each, kept for
+    the CLI to show after planning or after writing. Plugins call :meth:`add`; under
+    --strict adding one raises it as a :class:`MixcliError` instead, so nothing is written."""
+
+    def add(self, message: str) -> None:
+        message = " ".join(str(message).split())
+        if _strict:
+            raise _strict_error(message)
+        if message not in self:  # the same oddity found twice is shown once
+            self.append(message)  # list.append is atomic: merge threads may add at once

@@ -43,15 +43,19 @@ def param(
     max: float | None = None,
     min_exclusive: bool = False,
     choices: tuple | None = None,
+    lifted_by: str | None = None,
 ) -> Any:
     """Declare one method parameter (use as a dataclass field default).
 
     ``per_model`` parameters take one value per input model (``weight``, ``density``);
     shared ones take one value per output tensor (``t``, ``lambda``). A trailing underscore
     in the field name is dropped in the project file (``lambda_`` is written ``lambda``).
+    ``min``/``max`` bound a number (``min_exclusive``: the bound itself is refused);
+    ``lifted_by`` names a bool parameter that, set to true under [method], lifts the bounds
+    (slerp's ``extrapolate``).
     """
     meta = {"help": help, "per_model": per_model, "min": min, "max": max,
-            "min_exclusive": min_exclusive, "choices": choices}
+            "min_exclusive": min_exclusive, "choices": choices, "lifted_by": lifted_by}
     if isinstance(default, (list, dict)):  # dataclasses want a factory for mutable defaults
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"mixcli": meta})
     return dataclasses.field(default=default, metadata={"mixcli": meta})
@@ -69,6 +73,7 @@ class ParamSpec:
     max: float | None
     min_exclusive: bool
     choices: tuple | None
+    lifted_by: str | None = None
 
     @property
     def required(self) -> bool:
@@ -78,8 +83,29 @@ class ParamSpec:
         names = {float: "float", int: "int", bool: "bool", str: "str", list: "list", dict: "table"}
         return names.get(self.type, self.type.__name__)
 
-    def check(self, value: Any, where: str) -> Any:
-        """Validate one scalar against this parameter's type and range; return it typed."""
+    def describe_range(self) -> str:
+        """``[0.0, 1.0]``, ``>= 1``, ``one of 'a', 'b'`` or an empty string."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        low = "(" if self.min_exclusive else "["
+        if self.min is not None and self.max is not None:
+            text = f"{low}{self.min}, {self.max}]"
+        elif self.min is not None:
+            text = f"{'>' if self.min_exclusive else '>='} {self.min}"
+        elif self.max is not None:
+            text = f"<= {self.max}"
+        else:
+            return ""
+        return text + (f" unless {self.lifted_by} = true" if self.lifted_by else "")
+
+    def check(self, value: Any, where: str, bounded: bool | None = None) -> Any:
+        """Validate one scalar against this parameter's type and range; return it typed.
+
+        ``bounded`` says whether min/max apply; by default they do unless the parameter's
+        bounds can be lifted (those are checked by :func:`check_setting`, which knows).
+        """
+        if bounded is None:
+            bounded = self.lifted_by is None
         what = f"{where}: parameter '{self.name}'"
         if self.type is bool:
             if not isinstance(value, bool):
@@ -96,11 +122,14 @@ class ParamSpec:
                 value = float(value)
             if not math.isfinite(value):
                 raise MixcliError(f"{what} must be finite, got {value!r}")
+            hint = f"; set {self.lifted_by} = true under [method] to allow it" if self.lifted_by else ""
+            if not bounded:
+                return value
             if self.min is not None and (value < self.min or (self.min_exclusive and value == self.min)):
                 bound = ">" if self.min_exclusive else ">="
-                raise MixcliError(f"{what} must be {bound} {self.min}, got {value!r}")
+                raise MixcliError(f"{what} must be {bound} {self.min}, got {value!r}{hint}")
             if self.max is not None and value > self.max:
-                raise MixcliError(f"{what} must be <= {self.max}, got {value!r}")
+                raise MixcliError(f"{what} must be <= {self.max}, got {value!r}{hint}")
             return value
         if self.type in (list, dict):  # structured values (prompts, layer lists): taken whole
             if not isinstance(value, self.type):
@@ -158,8 +187,11 @@ def is_filtered_list(setting: Any) -> bool:
     return isinstance(setting, list) and bool(setting) and all(isinstance(e, dict) for e in setting)
 
 
-def check_setting(spec: ParamSpec, setting: Any, where: str) -> Any:
-    """Validate a whole setting (scalar, gradient or filtered list) before any tensor is read."""
+def check_setting(spec: ParamSpec, setting: Any, where: str, lifted: bool = False) -> Any:
+    """Validate a whole setting (scalar, gradient or filtered list) before any tensor is read.
+
+    ``lifted``: the parameter's ``lifted_by`` switch is on, so its bounds do not apply.
+    """
     if spec.type in (list, dict):
         return spec.check(setting, where)
     if is_filtered_list(setting):
@@ -174,14 +206,36 @@ def check_setting(spec: ParamSpec, setting: Any, where: str) -> Any:
             filt = entry.get("filter")
             if filt is not None and not isinstance(filt, str):
                 raise MixcliError(f"{where}: parameter '{spec.name}' entry {i + 1}: filter must be a string")
-            checked.append({"filter": filt, "value": check_setting(spec, entry["value"], where)})
+            checked.append({"filter": filt, "value": check_setting(spec, entry["value"], where, lifted)})
         return checked
+    bounded = not lifted
     if isinstance(setting, list):
+        if not setting:
+            raise MixcliError(f"{where}: parameter '{spec.name}' is an empty list; give a value or a "
+                              "gradient [a, b, ...] (or remove it for the default)")
         if any(isinstance(v, (list, dict)) for v in setting):
             raise MixcliError(f"{where}: parameter '{spec.name}' mixes lists and tables; "
                               "use a gradient [a, b, ...] or a filtered list [{filter=..., value=...}]")
-        return [spec.check(v, where) for v in setting]
-    return spec.check(setting, where)
+        return [spec.check(v, where, bounded) for v in setting]
+    return spec.check(setting, where, bounded)
+
+
+def filters(setting: Any) -> list[str]:
+    """The filter strings of a checked setting (nested filtered lists too), catch-alls left out."""
+    if not (isinstance(setting, list) and setting
+            and all(isinstance(e, dict) and set(e) == {"filter", "value"} for e in setting)):
+        return []  # not a filtered list as check_setting leaves one (or a structured value)
+    found = []
+    for entry in setting:
+        if entry["filter"] not in (None, "*"):
+            found.append(entry["filter"])
+        found += filters(entry["value"])
+    return found
+
+
+def matches(filt: str, name: str) -> bool:
+    """Whether a filter (or an override's ``match``) applies to tensor ``name``."""
+    return filt == "*" or filt in name
 
 
 def evaluate(setting: Any, name: str, position: float) -> Any:
@@ -192,7 +246,7 @@ def evaluate(setting: Any, name: str, position: float) -> Any:
     if isinstance(setting, list) and setting and isinstance(setting[0], dict):
         for entry in setting:
             filt = entry["filter"]
-            if filt is None or filt == "*" or filt in name:
+            if filt is None or matches(filt, name):
                 return evaluate(entry["value"], name, position)
         return NOTHING
     if isinstance(setting, list):

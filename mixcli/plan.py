@@ -11,6 +11,7 @@ from typing import Any, Callable
 # tensor roles live in .architecture; these names stay importable from here for plugins
 from .architecture import is_pre_layer, layer_templates, split_layer_name  # noqa: F401
 from .checkpoint import Checkpoint
+from .errors import Warnings
 from .project import Project
 from .safetensors_io import ITEM_SIZE
 
@@ -49,6 +50,8 @@ class OutputPlan:
     finalize: Callable[[Path], None] | None = None  # last step inside the temporary folder
     notes: list[str] = field(default_factory=list)
     own_tokenizer: bool = False  # extra_files hold the output tokenizer: the donor's is not copied
+    # odd but legal things found while planning or writing (NaN inputs...), shown by the CLI
+    warnings: Warnings = field(default_factory=Warnings)
 
     @property
     def output_bytes(self) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import tomli
 
 from .errors import MixcliError, closest
-from .params import check_setting
+from .params import check_setting, filters, matches
 from .safetensors_io import parse_size
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -309,7 +309,9 @@ def check(project: Project, registry) -> Any:
             if not allow_shared and not spec.per_model:
                 raise MixcliError(f"{where}: parameter '{key}' of '{method.name}' is shared by all models; "
                                   "set it under [method] (or a [[method.overrides]] entry), not per model")
-            params[key] = check_setting(spec, setting, where)  # typed and normalised from here on
+            # a switch that lifts bounds (slerp's extrapolate) is read from [method] only
+            lifted = spec.lifted_by is not None and project.params.get(spec.lifted_by) is True
+            params[key] = check_setting(spec, setting, where, lifted)  # typed and normalised from here on
 
     check_params(project.params, f"{name}: [method]", True)
     for override in project.overrides:
@@ -340,3 +342,29 @@ def check(project: Project, registry) -> Any:
             if spec.required and key not in evaluation.params:
                 raise MixcliError(f"{evaluation.where}: evaluator '{evaluator.name}' needs '{key}' ({spec.help})")
     return method
+
+
+def unmatched_filters(project: Project, names) -> list[str]:
+    """A warning for every override ``match`` and parameter filter that applies to none of
+    ``names`` (the plan's output and input tensor names): most likely a typo."""
+    names = list(names)
+    warnings = []
+
+    def unmatched(filt: str) -> bool:
+        return not any(matches(filt, name) for name in names)
+
+    levels = [(f"{project.where}: [method]", project.params)]
+    for override in project.overrides:
+        if unmatched(override.match):
+            warnings.append(f"{override.where} match = {override.match!r} matches no tensor")
+        levels.append((override.where, override.params))
+    levels += [(ref.where, ref.params) for ref in project.models.values()]
+    for piece in project.slices or []:
+        levels.append((piece.where, piece.params))
+        levels += [(source.where, source.params) for source in piece.sources]
+    for where, params in levels:
+        for key, setting in params.items():
+            for filt in filters(setting):
+                if unmatched(filt):
+                    warnings.append(f"{where}: parameter '{key}' filter {filt!r} matches no tensor")
+    return warnings

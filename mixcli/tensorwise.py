@@ -9,7 +9,7 @@ from functools import reduce
 
 from .checkpoint import Checkpoint
 from .components import MergeMethod
-from .errors import MixcliError, warn
+from .errors import MixcliError, Warnings, warn
 from .params import NOTHING, resolve
 from .architecture import (check_layer_count, head_name, head_source, is_tied, layer_templates, map_config,
                            tensor_role)
@@ -96,6 +96,7 @@ class _Planner:
         self.compute_dtype = project.compute_dtype
         self.vocabulary = None  # the output vocabulary of a [tokenizer] table
         self._vocab_names: dict[int, set[str]] = {}
+        self.warnings = Warnings()  # the plan's, shared with every _Compute
 
     def _vocabulary_indexed(self, members) -> bool:
         from .alignment import vocabulary_tensors
@@ -200,6 +201,7 @@ class _Compute:
         self.project = planner.project  # its device is read when computing: --device sets it after planning
         self.load_dtype = planner.project.dtype
         self.compute_dtype = planner.compute_dtype
+        self.warnings = planner.warnings
         self.name, self.reads, self.base_index, self.others = name, reads, base_index, others
         self.shared, self.per_model, self.seed, self.out_code, self.floating = \
             shared, per_model, seed, out_code, floating
@@ -226,6 +228,7 @@ class _Compute:
             device = self.project.device
             if device != "cpu":
                 tensors = [t.to(device) for t in tensors]
+            _check_finite(self.reads, tensors, self.warnings)
             if self.load_dtype:
                 tensors = [t.to(getattr(torch, self.load_dtype)) for t in tensors]
             working = reduce(torch.promote_types, (t.dtype for t in tensors))
@@ -255,6 +258,17 @@ class _Compute:
         if result is not target:
             target.copy_(result)
         return target
+
+
+def _check_finite(reads, tensors, warnings: Warnings) -> None:
+    """NaN or Inf in an input would spread silently through the merge: say which one holds it."""
+    import torch
+
+    for (ckpt, name), tensor in zip(reads, tensors):
+        flat = tensor.reshape(-1)
+        step = 1 << 22  # chunks keep the boolean temporary small
+        if not all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
+            warnings.add(f"model '{ckpt.name}' ({ckpt.path}): tensor '{name}' holds NaN or Inf values")
 
 
 def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoint]) -> OutputPlan:
@@ -329,7 +343,7 @@ def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoi
         config["tie_word_embeddings"] = False  # a written head must not be replaced by the embedding
     elif head is not None and all(is_tied(s.ckpt) for s in last.sources):
         config["tie_word_embeddings"] = True  # no head written: the embedding is the head
-    plan = OutputPlan(config=config, tensors=tensors, donor=donor)
+    plan = OutputPlan(config=config, tensors=tensors, donor=donor, warnings=planner.warnings)
     vocabulary = planner.vocabulary
     if vocabulary is not None:
         from .vocabulary import tokenizer_files
@@ -401,8 +415,9 @@ def _partial(planner: _Planner, piece: _Slice, name: str, held: list, lacking: l
 class _CopyOne:
     """Reads one source tensor and casts it to the written dtype."""
 
-    def __init__(self, ckpt, name: str, load_dtype: str | None, out_code: str):
+    def __init__(self, ckpt, name: str, load_dtype: str | None, out_code: str, warnings: Warnings):
         self.ckpt, self.name, self.load_dtype, self.out_code = ckpt, name, load_dtype, out_code
+        self.warnings = warnings
 
     def __call__(self):
         import torch
@@ -410,6 +425,7 @@ class _CopyOne:
         tensor = self.ckpt.tensor(self.name)
         if not tensor.is_floating_point():
             return tensor
+        _check_finite([(self.ckpt, self.name)], [tensor], self.warnings)
         if self.load_dtype:
             tensor = tensor.to(getattr(torch, self.load_dtype))
         return tensor.to(torch_dtype(self.out_code))
@@ -421,6 +437,6 @@ def _copy(planner: _Planner, member, out_name: str) -> OutputTensor:
     code = info.dtype
     if info.floating:
         code = _code(project.out_dtype or project.dtype) if (project.out_dtype or project.dtype) else info.dtype
-    compute = _CopyOne(source.ckpt, name, project.dtype if info.floating else None, code)
+    compute = _CopyOne(source.ckpt, name, project.dtype if info.floating else None, code, planner.warnings)
     return OutputTensor(out_name, info.shape, code, compute, [(source.ckpt, name)],
                         {"source": source.model, "tensor": name})

@@ -142,6 +142,36 @@ path = "out"
     assert torch.equal(out[up], slerp([b[up]], a[up], t=0.5))
 
 
+def test_slerp_past_the_models_needs_extrapolate(tmp_path, llama_family):
+    text = f"""
+[models]
+a = "{llama_family['ft1']}"
+b = "{llama_family['ft2']}"
+[method]
+name = "slerp"
+base = "a"
+t = 1.5
+[output]
+path = "out"
+"""
+    project = write_project(tmp_path, text)
+    result = CliRunner().invoke(cli, ["merge", str(project)])
+    assert result.exit_code == 1 and result.output.strip() == (
+        "Error: project.toml: [method]: parameter 't' must be <= 1.0, got 1.5; set extrapolate = true "
+        "under [method] to allow it")
+    assert not (tmp_path / "out").exists()
+    merge(write_project(tmp_path, text.replace("t = 1.5", "t = 1.5\nextrapolate = true")))
+    a, b = tiny_models.load_tensors(llama_family["ft1"]), tiny_models.load_tensors(llama_family["ft2"])
+    out = tiny_models.load_tensors(tmp_path / "out")
+    name = "model.layers.1.mlp.down_proj.weight"
+    # the great-circle formula, in float64, continued past b
+    x, y = a[name].double().flatten(), b[name].double().flatten()
+    theta = torch.acos(torch.dot(x / x.norm(), y / y.norm()))
+    expected = (torch.sin(-0.5 * theta) * x + torch.sin(1.5 * theta) * y) / torch.sin(theta)
+    assert torch.allclose(out[name].double().flatten(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[name], b[name], atol=1e-3)
+
+
 def test_overrides_restricted_to_a_model_and_first_match_wins(tmp_path, llama_family):
     project = write_project(tmp_path, f"""
 [models]

@@ -90,3 +90,43 @@ def test_values_are_checked_with_clear_messages(name, value, message):
 def test_gradient_elements_are_checked_too():
     with pytest.raises(MixcliError, match="must be <= 1.0, got 2"):
         check_setting(SPECS["density"], [0.5, 2], "here")
+
+
+def registered(name):
+    from mixcli.plugins import get_registry
+
+    registry = get_registry()
+    return (registry.methods.get(name) or registry.evaluators[name]).param_specs
+
+
+@pytest.mark.parametrize("component, key, value, message", [
+    ("ties", "density", 1.5, "parameter 'density' must be <= 1.0, got 1.5"),
+    ("dare_ties", "density", -0.25, "parameter 'density' must be >= 0.0, got -0.25"),
+    ("ties", "density", [], "parameter 'density' is an empty list; give a value or a gradient [a, b, ...] "
+                            "(or remove it for the default)"),
+    ("linear", "weight", float("nan"), "parameter 'weight' must be finite, got nan"),
+    ("task_arithmetic", "lambda", float("inf"), "parameter 'lambda' must be finite, got inf"),
+    ("slerp", "t", 2, "parameter 't' must be <= 1.0, got 2.0; set extrapolate = true under [method] to allow it"),
+    ("slerp", "t", [0.0, -0.5], "parameter 't' must be >= 0.0, got -0.5; set extrapolate = true under [method] "
+                                "to allow it"),
+    ("breadcrumbs", "gamma", 1.2, "parameter 'gamma' must be <= 1.0, got 1.2"),
+    ("della", "epsilon", -0.1, "parameter 'epsilon' must be >= 0.0, got -0.1"),
+    ("passthrough", "scale", float("-inf"), "parameter 'scale' must be finite, got -inf"),
+    ("moe_upcycle", "num_experts", 0, "parameter 'num_experts' must be >= 1, got 0"),
+    ("moe_merge", "noise_scale", -1, "parameter 'noise_scale' must be >= 0.0, got -1.0"),
+    ("moe_merge", "experts_per_token", 1.5, "parameter 'experts_per_token' must be a whole number, got 1.5"),
+    ("we_moe", "router_hidden_layers", 3, "parameter 'router_hidden_layers' must be <= 2, got 3"),
+    ("sparse_we_moe", "tv_prune_ratio", 1.5, "parameter 'tv_prune_ratio' must be <= 1, got 1.5"),
+    ("rank_one_moe", "select_k", -2, "parameter 'select_k' must be >= -1, got -2"),
+    ("model_recombination", "num_outputs", 0, "parameter 'num_outputs' must be >= 1, got 0"),
+    ("classification", "batch_size", 0, "parameter 'batch_size' must be >= 1, got 0"),
+])
+def test_registered_parameters_refuse_values_outside_their_range(component, key, value, message):
+    with pytest.raises(MixcliError) as error:
+        check_setting(registered(component)[key], value, "project.toml: [method]")
+    assert str(error.value) == f"project.toml: [method]: {message}"
+
+
+def test_a_lifted_bound_lets_the_value_through():
+    assert check_setting(registered("slerp")["t"], [2, -1], "here", lifted=True) == [2.0, -1.0]
+    assert registered("slerp")["t"].describe_range() == "[0.0, 1.0] unless extrapolate = true"

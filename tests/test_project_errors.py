@@ -86,9 +86,19 @@ def test_unknown_method_suggests_the_closest(tmp_path, llama_family):
     ("normalize = 1", ["parameter 'normalize' must be true or false"]),
     ("[[method.overrides]]\nmatch = 'mlp'\ndensity = 1.5", ["overrides]] #1", "'density' must be <= 1.0"]),
     ("[[method.overrides]]\ndensity = 0.5", ["'match' is missing"]),
+    ("[[method.overrides]]\nmatch = 'mlp'\ndensity = []",
+     ["overrides]] #1: parameter 'density' is an empty list; give a value or a gradient"]),
 ])
 def test_parameter_mistakes_are_caught_before_reading(tmp_path, llama_family, extra, fragments):
     assert_one_line_error(run("merge", ties_project(tmp_path, llama_family, extra)), *fragments)
+    assert_nothing_written(tmp_path)
+
+
+def test_della_density_and_epsilon_that_cannot_work_are_a_planning_error(tmp_path, llama_family):
+    project = ties_project(tmp_path, llama_family, "epsilon = 0.6").read_text().replace("'ties'", "'della'")
+    project = write_project(tmp_path, project.replace('name = "ties"', 'name = "della"'))
+    assert_one_line_error(run("merge", project), "della: density 0.5 and epsilon 0.6 must satisfy "
+                          "0 < density - epsilon and density + epsilon < 1; lower epsilon or change density")
     assert_nothing_written(tmp_path)
 
 

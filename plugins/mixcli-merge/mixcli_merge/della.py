@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mixcli import MergeMethod, param
+from mixcli import MergeMethod, MixcliError, param
 from mixcli.seeding import generator
 
 from . import sparsify
@@ -36,6 +36,14 @@ def della(tensors, base, *, weight, seed, density=1.0, epsilon=0.15, lambda_=1.0
                                              rescale), out=out)
 
 
+def check(*, density, epsilon, **_):
+    """At planning time: the keep probabilities density -+ epsilon must lie inside (0, 1)."""
+    for d, e in zip(density, epsilon):
+        if 0 < d < 1 and not (d - e > 0 and d + e < 1):
+            raise MixcliError(f"della: density {d} and epsilon {e} must satisfy 0 < density - epsilon "
+                              "and density + epsilon < 1; lower epsilon or change density")
+
+
 METHOD = MergeMethod(
     name="della",
     summary="DELLA: magnitude-ranked random pruning with TIES sign election",
@@ -44,5 +52,6 @@ METHOD = MergeMethod(
     base="required",
     min_inputs=1,
     random=True,
+    check=check,
     accepts_out=True,
 )

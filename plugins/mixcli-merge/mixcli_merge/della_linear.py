@@ -7,7 +7,7 @@ import dataclasses
 from mixcli import MergeMethod, param
 from mixcli.seeding import generator
 
-from . import sparsify
+from . import della, sparsify
 from .generalized import TaskArithmeticParams, merge_task_vectors, per_model
 
 
@@ -40,5 +40,6 @@ METHOD = MergeMethod(
     base="required",
     min_inputs=1,
     random=True,
+    check=della.check,
     accepts_out=True,
 )

@@ -15,10 +15,13 @@ _EPS = 1e-8
 
 @dataclasses.dataclass
 class Params:
-    t: float = param(help="interpolation factor: 0 = base model, 1 = the other model")
+    t: float = param(help="interpolation factor: 0 = base model, 1 = the other model",
+                     min=0.0, max=1.0, lifted_by="extrapolate")
+    extrapolate: bool = param(False, help="allow t outside [0, 1], past either model (mergekit "
+                                          "accepts any t without a word)")
 
 
-def slerp(tensors, base, *, t, out=None):
+def slerp(tensors, base, *, t, extrapolate=False, out=None):
     """Spherical interpolation from ``base`` (t = 0) to ``tensors[0]`` (t = 1).
 
     Works on the whole flattened tensors in float32 (float64 for float64) with mergekit
