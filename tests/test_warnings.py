@@ -126,3 +126,21 @@ def test_inf_in_an_input_with_strict_is_an_error_and_nothing_is_written(tmp_path
     assert run("merge", clean, "--strict", "--no-progress").exit_code == 0
     merged = load_file(tmp_path / "out" / "model.safetensors")
     assert all(bool(torch.isfinite(t).all()) for t in merged.values())
+
+
+def test_strict_turns_plugins_warnings_into_errors_only_inside_the_block(capsys):
+    import pytest
+
+    from mixcli.errors import MixcliError, Warnings, strict_warnings, warn
+
+    collected = Warnings()
+    collected.add("project.toml: odd  thing")
+    collected.add("project.toml: odd thing")
+    assert collected == ["project.toml: odd thing"]
+    with strict_warnings():
+        with pytest.raises(MixcliError, match=r"^project.toml: odd \(an error with --strict\)$"):
+            warn("project.toml: odd")
+        with pytest.raises(MixcliError, match="an error with --strict"):
+            collected.add("another")
+    warn("project.toml: odd")
+    assert capsys.readouterr().err == "warning: project.toml: odd\n"
