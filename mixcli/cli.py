@@ -18,6 +18,10 @@ class MixcliGroup(click.Group):
 
     _plugin_commands_added = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plugin_commands: dict[str, list[str]] = {}  # plugin key -> the commands it added
+
     def _add_plugin_commands(self) -> None:
         if self._plugin_commands_added:
             return
@@ -26,8 +30,10 @@ class MixcliGroup(click.Group):
 
         load_plugins()
         for impl in pm.hook.register_commands.get_hookimpls():
+            before = set(self.commands)
             try:
                 impl.function(cli=self)
+                self.plugin_commands[impl.plugin_name] = sorted(set(self.commands) - before)
             except Exception as error:  # a broken plugin must not take the CLI down
                 _console(stderr=True).print(f"[yellow]warning:[/] plugin {impl.plugin_name} could not add "
                                             f"its commands: {error}", soft_wrap=True)
@@ -335,13 +341,16 @@ def list_methods(as_json):
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins_command(as_json):
-    """Installed plugins, and any that failed to load."""
+    """Installed plugins, what each provides (methods, evaluators, loaders, commands), and any that failed to load."""
     from .plugins import get_registry
 
     registry = get_registry()
     provided: dict[str, list[str]] = {}
     for (kind, name), info in registry.provider.items():
         provided.setdefault(info.key, []).append(f"{kind}:{name}")
+    cli._add_plugin_commands()
+    for key, names in cli.plugin_commands.items():
+        provided.setdefault(key, []).extend(f"command:{name}" for name in names)
     rows = [{"name": p.name, "package": p.package, "version": p.version, "module": p.module,
              "provides": sorted(provided.get(p.key, [])), "error": p.error} for p in registry.plugins]
     if as_json:
@@ -361,11 +370,36 @@ def plugins_command(as_json):
         console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
 
 
-@cli.command("eval")
+class _OccurrenceOrder(click.Command):
+    """Keeps the order in which options occur on the command line (ctx.meta["mixcli.order"]),
+    which click's per-option value lists lose."""
+
+    def parse_args(self, ctx, args):
+        _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+        ctx.meta["mixcli.order"] = [param.name for param in order]
+        return super().parse_args(ctx, args)
+
+
+def _params_by_evaluator(order: list[str], evaluators, params) -> list[list[str]]:
+    """Each --evaluator's --param values: those after it (before the next --evaluator), after
+    those given before the first --evaluator, which apply to every evaluator."""
+    shared, own = [], [[] for _ in evaluators]
+    e = p = 0
+    for name in order:
+        if name == "evaluators":
+            e += 1
+        elif name == "params":
+            (own[e - 1] if e else shared).append(params[p])
+            p += 1
+    return [shared + mine for mine in own]
+
+
+@cli.command("eval", cls=_OccurrenceOrder)
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--evaluator", "evaluators", multiple=True, help="Evaluator to run on a model folder (repeatable).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Evaluator parameter, VALUE in TOML syntax (repeatable).")
+              help="Parameter of the --evaluator before it (before any: of every one), VALUE in TOML "
+                   "syntax (repeatable).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the forward passes.")
 def eval_command(target, evaluators, params, device):
     """Evaluate TARGET: a project file (its output, by its [[evaluation]] entries) or a model folder."""
@@ -376,27 +410,29 @@ def eval_command(target, evaluators, params, device):
     if target.is_file() and target.suffix == ".toml":
         from .core import load_project
 
-        project, _ = load_project(target, registry)
+        project, method = load_project(target, registry)
         if not project.evaluations:
             raise MixcliError(f"{target}: no [[evaluation]] entries; add one or use --evaluator")
-        if project.output_path is None or not project.output_path.is_dir():
-            raise MixcliError(f"{target}: the output {project.output_path} does not exist yet; run "
-                              f"`mixcli merge {target}` first")
-        rows = evaluate_project(project, project.output_path, registry, device)
+        final = method.final_output(project) if getattr(method, "final_output", None) else None
+        model, command = final or (project.output_path, f"mixcli merge {target}")
+        if model is None or not Path(model).is_dir():
+            raise MixcliError(f"{target}: the output {model} does not exist yet; run `{command}` first")
+        rows = evaluate_project(project, Path(model), registry, device)
     else:
         if not target.is_dir():
             raise MixcliError(f"{target}: neither a project file nor a model folder")
         if not evaluators:
             raise MixcliError("give at least one --evaluator (see `mixcli list-methods`)")
-        settings = _parse_params(params)
+        bound = _params_by_evaluator(click.get_current_context().meta.get("mixcli.order", []), evaluators, params)
         rows = []
         for name in evaluators:
-            evaluator = registry.evaluators.get(name)
-            if evaluator is None:
+            if name not in registry.evaluators:
                 from .errors import closest
 
                 raise MixcliError(f"--evaluator: unknown evaluator '{name}'{closest(name, registry.evaluators)}")
-            metrics = run_evaluator(evaluator, target, settings, f"--evaluator {name}", device=device)
+        for name, pairs in zip(evaluators, bound):
+            settings = _parse_params(pairs)
+            metrics = run_evaluator(registry.evaluators[name], target, settings, f"--evaluator {name}", device=device)
             rows.append({"model": str(target), "evaluator": name, "metrics": metrics})
         write_results(rows, Path(str(target).rstrip("/") + ".eval.json"))
     render_results(rows, _console())

@@ -79,6 +79,10 @@ class Upscaler:
     # extra top-level tables of the project this method reads (e.g. "tune"); they reach
     # build() as context.sections and are errors in projects of other methods
     sections: tuple[str, ...] = ()
+    # when a later command writes the project's final model (e.g. ``mixcli tune``):
+    # ``final_output(project)`` returns (its folder, the command that writes it), or None when
+    # the merge output is final; ``mixcli eval PROJECT`` evaluates that folder
+    final_output: Callable[[Any], tuple[Any, str] | None] | None = None
     # whether the project names a base model under [method] base (min/max_inputs count it)
     base: Literal["required", "optional", "ignored"] = "ignored"
     example: dict = dataclasses.field(default_factory=dict)  # as for MergeMethod

@@ -137,16 +137,25 @@ def recipe(project: Project) -> str:
             "# is this folder: `mixcli merge mixcli.toml --out NEW` rebuilds it.\n" + dumps(data))
 
 
-def model_card(prepared: Prepared, recipe_text: str | None = None) -> str:
+def model_card(prepared: Prepared, recipe_text: str | None = None, step: str = "", title: str | None = None) -> str:
     """The output's README.md: where it came from, and the recipe (:func:`recipe`) in full."""
-    project, registry = prepared.project, prepared.registry
+    notes = [note for plan in prepared.plans.values() for note in plan.notes]
+    return card(prepared.project, prepared.registry, recipe_text, notes, step, title)
+
+
+def card(project: Project, registry: Registry, recipe_text: str | None = None, notes=(), step: str = "",
+         title: str | None = None) -> str:
+    """A model card for a model the project made; ``step`` says what a later command (training,
+    adaptation) did to the merge output and how to repeat it, for models written by plugins;
+    ``title`` is the model's folder name when it is not the project's output."""
     recipe_text = recipe(project) if recipe_text is None else recipe_text
     provider = registry.provider.get(("method", project.method))
     package = f"{provider.package} {provider.version}" if provider else "unknown"
     sources = "\n".join(f"- `{name}`: `{ref.path}`" for name, ref in project.models.items())
     bases = "".join(f"\n- {ref.path}" for ref in project.models.values())
-    notes = [note for plan in prepared.plans.values() for note in plan.notes]
     notes = "## Notes\n" + "".join(f"- {note}\n" for note in notes) + "\n" if notes else ""
+    rebuild = step or ("`mixcli merge mixcli.toml --out NEW` reproduces this model from the same inputs, "
+                       "from any working directory.")
     return f"""---
 library_name: transformers
 tags:
@@ -154,7 +163,7 @@ tags:
 - merge
 base_model:{bases}
 ---
-# {Path(project.output_path or 'merged').name}
+# {title or Path(project.output_path or 'merged').name}
 
 Made with mixcli {__version__} on {datetime.date.today().isoformat()} by the method
 `{project.method}` (from {package}), seed {project.seed}.
@@ -163,8 +172,7 @@ Made with mixcli {__version__} on {datetime.date.today().isoformat()} by the met
 {sources}
 
 {notes}## Project
-The complete recipe, also saved as `mixcli.toml` beside this card; `mixcli merge mixcli.toml
---out NEW` reproduces this model from the same inputs, from any working directory.
+The complete recipe, also saved as `mixcli.toml` beside this card; {rebuild}
 
 ```toml
 {recipe_text.rstrip()}

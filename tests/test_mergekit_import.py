@@ -255,6 +255,18 @@ def test_translation_shape(tmp_path, llama_family, monkeypatch):
                               "rel": {"path": str(tmp_path / "rel"), "weight": 1.0}}
 
 
+def test_tokenizer_source_becomes_the_tokenizer_table(tmp_path, llama_family, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = {name: str(path) for name, path in llama_family.items()}
+    for written, source in (("tokenizer_source: union", "union"), (f"tokenizer_source: {paths['ft1']}", "model:ft1"),
+                            ("tokenizer:\n  source: base\n  pad_to_multiple_of: 64", "base")):
+        (tmp_path / "r.yml").write_text(f"merge_method: ties\nbase_model: {paths['base']}\nmodels:\n"
+                                        f"  - model: {paths['ft1']}\n    parameters: {{weight: 1.0}}\n{written}\n")
+        run("import-mergekit", "r.yml", "--force")
+        table = tomli.loads((tmp_path / "project.toml").read_text())["tokenizer"]
+        assert table == {"source": source, **({"pad_to_multiple_of": 64} if "pad" in written else {})}
+
+
 @pytest.mark.parametrize("recipe, message", [
     ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nchat_template: chatml\n",
      "chat_template: no mixcli equivalent; remove it or translate it by hand"),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomli
 import torch
 import transformers
 from click.testing import CliRunner
@@ -470,3 +471,27 @@ def test_missing_plugin_is_named(tmp_path):
 def test_importing_the_plugin_does_not_import_torch():
     code = "import sys, mixcli_moe; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_tuned_model_has_a_card_and_eval_of_the_project_follows_the_tuned_output(tuned):
+    folder, project = tuned
+    card = (folder / "one" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "# one\n" in card
+    assert "trained by `mixcli tune`" in card and 'name = "moe_merge"' in card
+    recipe = tomli.loads((folder / "one" / "mixcli.toml").read_text())
+    assert recipe["output"]["path"] == "." and recipe["models"] == tomli.loads(project.read_text())["models"]
+    (folder / "eval.txt").write_text("12+34=46\nabc:cba\nhello world\n")
+    text = project.read_text().rstrip() + '\noutput = "one"\n\n[[evaluation]]\nevaluator = "perplexity"\n' \
+                                           'data = "eval.txt"\n'
+    follows = write_project(folder, text, "follows.toml")
+    result = run("eval", follows)
+    rows = json.loads((folder / "one.eval.json").read_text())
+    assert [row["model"] for row in rows] == [str(folder / "one")] and "one" in result.output
+    merged = run("eval", folder / "out", "--evaluator", "perplexity", "--param", "data=" + str(folder / "eval.txt"))
+    assert json.loads((folder / "out.eval.json").read_text())[0]["metrics"] != rows[0]["metrics"]
+    assert "perplexity" in merged.output
+    untuned = write_project(folder, text.replace('output = "one"', 'output = "not-yet"'), "untuned.toml")
+    result = CliRunner().invoke(cli, ["eval", str(untuned)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {untuned}: the output {folder / 'not-yet'} does not exist yet; "
+                                     f"run `mixcli tune {untuned}` first")

@@ -222,6 +222,10 @@ def test_tta_lowers_entropy_raises_accuracy(family, tmp_path):
     assert sum(after.values()) > sum(before.values()) + 0.1, (before, after)
     assert record["data"]["t0"]["split"] == "test" and record["collapse"] is None
     assert (out / "adapt_loss.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()  # the core's model card, saying what adapt did
+    assert card.startswith("---\nlibrary_name: transformers") and "# out\n" in card
+    assert "trained by `mixcli adapt`" in card and "max_steps = 60" in card
+    assert "[adapt]" in (out / "mixcli.toml").read_text()
     old, new = load_file(tmp_path / "plain/model.safetensors"), load_file(out / "model.safetensors")
     changed = {k for k in old if not torch.equal(old[k], new[k])}
     assert changed and all(k.startswith("routers.") for k in changed)  # only routers train

@@ -60,6 +60,7 @@ def loss_curve(history: list[dict], before, after) -> bytes:
 
 def save_tuned(source: Path, target: Path, model, trainable: list[str], settings, log: dict, project,
                force: bool) -> Path:
+    from mixcli import core
     from mixcli.engine import write_plan
 
     ckpt = Checkpoint(name="tuned", path=source, config=read_config(source, "mixcli tune"),
@@ -101,5 +102,10 @@ def save_tuned(source: Path, target: Path, model, trainable: list[str], settings
         routers = {name: state[name].detach().cpu().contiguous() for name in trainable}
         extra["routers.safetensors"] = safetensors.torch.save(routers)
     plan = OutputPlan(config=config, tensors=tensors, donor=ckpt, extra_files=extra)
-    return write_plan(plan, target, force=force, recipe=project.text, progress=False,
+    recipe = core.recipe(project)
+    card = core.card(project, core.get_registry(), recipe, title=Path(target).name, step=(
+        "its routers were then trained by `mixcli tune` on the recipe's [tune] data (tune_log.json, "
+        "tune_loss.png): `mixcli merge mixcli.toml --out MERGED` and `mixcli tune mixcli.toml --model MERGED "
+        "--out NEW` repeat both steps."))
+    return write_plan(plan, target, force=force, recipe=recipe, card=card, progress=False,
                       protected={"the model to tune": source}, project_file=project.file)

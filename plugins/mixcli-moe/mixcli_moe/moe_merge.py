@@ -29,6 +29,7 @@ from mixcli import MixcliError, Upscaler, param
 from . import _common, _prompts
 from ._build import Recipe, build_plan
 from .routers import GATE_MODES, PROMPT_MODES
+from .tune import tuned_output
 
 
 @dataclass
@@ -113,6 +114,7 @@ METHOD = Upscaler(
     params=Params,
     min_inputs=2,
     sections=("tune",),
+    final_output=tuned_output,
     base="required",
     example={"positive_prompts": ["a prompt the {model} expert should handle"]},
 )

@@ -23,6 +23,7 @@ from mixcli import Upscaler, param
 
 from . import _common
 from ._build import Recipe, build_plan
+from .tune import tuned_output
 
 
 @dataclass
@@ -59,4 +60,5 @@ METHOD = Upscaler(
     min_inputs=1,
     max_inputs=1,
     sections=("tune",),
+    final_output=tuned_output,
 )

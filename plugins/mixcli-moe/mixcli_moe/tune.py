@@ -78,6 +78,18 @@ def read_settings(project) -> TuneSettings:
     return settings
 
 
+def tuned_output(project) -> tuple[Path, str] | None:
+    """Where ``mixcli tune`` writes the project's final model ([tune] output, else <output>-tuned),
+    and the command; None without a [tune] table (the merge output is final)."""
+    table = project.sections.get("tune")
+    if table is None:
+        return None
+    output = table.get("output")
+    folder = project.file.parent / output if isinstance(output, str) and output else \
+        Path(str(project.output_path).rstrip("/") + "-tuned")
+    return folder, f"mixcli tune {project.file}"
+
+
 @click.command("tune")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", type=click.Path(file_okay=False, path_type=Path),
@@ -98,8 +110,7 @@ def tune_command(project, model, out, force, no_progress):
     if source is None or not Path(source).is_dir():
         raise MixcliError(f"{proj.where}: the model {source} does not exist; run `mixcli merge {project}` first "
                           "or pass --model")
-    target = out or (proj.file.parent / settings.output if settings.output else None) \
-        or Path(str(proj.output_path).rstrip("/") + "-tuned")
+    target = out or tuned_output(proj)[0]
     from mixcli.engine import check_target
     from mixcli.target import protected_folders
 

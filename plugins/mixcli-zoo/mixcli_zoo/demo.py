@@ -116,11 +116,11 @@ def evaluate(folder: Path, evaluator: str, settings: dict) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(root, size, families, examples, only, seed):
     """Build the model zoo, run the demo projects and compare base, experts and merges."""
-    from rich.console import Console
+    from mixcli.progress import console as make_console
 
     from .build import build_zoo
 
-    console = Console()
+    console = make_console()  # in a log, the comparison table keeps its full task names
     started = time.time()
     chosen = tuple(f for f in families.split(",") if f)
     manifests = build_zoo(root, size=size, seed=seed, families=chosen, log=console.print)
