@@ -53,6 +53,14 @@ class MergeMethod:
     # parameters this method does not take that recipes for similar methods carry, each with
     # what to do instead: the error for such a parameter says so (e.g. sce and ``weight``)
     param_hints: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
+    # ``merge`` takes ``name=``, the output tensor's name (for exact-name parameters)
+    wants_name: bool = False
+    # ``merge`` runs large linear algebra (SVDs): the engine gives a large matrix all cores,
+    # one tensor at a time, instead of one core per tensor
+    linear_algebra: bool = False
+    # ``working_memory(shape, inputs) -> bytes`` the merge holds beyond its mapped inputs;
+    # the engine's memory budget uses it instead of its estimate for elementwise methods
+    working_memory: Callable[[tuple, int], int] | None = None
     kind: str = "merge"
 
     @property

@@ -4,6 +4,7 @@ sharded safetensors in a temporary folder beside the target, renamed into place 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -61,6 +62,8 @@ MEMORY_BUDGET = 640 * 2**20  # working memory shared by the tensors in flight
 def working_bytes(tensor) -> int:
     """A generous estimate of what computing one output tensor holds at once: its mapped
     inputs, float32 temporaries the size of two inputs, and the result."""
+    if tensor.work_bytes is not None:
+        return tensor.input_bytes + tensor.work_bytes
     return tensor.input_bytes + 3 * tensor.nbytes + 8 * (tensor.nbytes // max(1, _item(tensor.dtype)))
 
 
@@ -220,12 +223,18 @@ def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) 
     budget = _Budget(MEMORY_BUDGET)
 
     def work(tensor):
-        cost = budget.acquire(working_bytes(tensor))
+        # large linear algebra runs alone (the whole budget) with every core
+        cost = budget.acquire(budget.limit if tensor.intra_op else working_bytes(tensor))
         try:
             if tensor.fill is not None and writer.mapped(tensor.name):
                 with writer.destination(tensor.name) as target:
                     tensor.fill(target)
                     del target
+            elif tensor.intra_op:
+                with _all_cores():
+                    result = tensor.compute()
+                writer.write(tensor.name, result)
+                del result
             else:
                 writer.write(tensor.name, tensor.compute())
             for ckpt, name in tensor.reads:
@@ -262,6 +271,18 @@ def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) 
                 for future in pending:
                     future.cancel()
                 raise
+
+
+@contextlib.contextmanager
+def _all_cores():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _write_files(plan: OutputPlan, folder: Path, card: str, recipe: str, copy_tokenizer: bool) -> None:

@@ -263,13 +263,28 @@ def evaluate(setting: Any, name: str, position: float) -> Any:
     return setting
 
 
+def _first_match(setting: Any, name: str) -> Any:
+    """A structured value, or the value of the first matching entry of a filtered list."""
+    if not (isinstance(setting, list) and setting
+            and all(isinstance(e, dict) and "value" in e and set(e) <= {"filter", "value"} for e in setting)):
+        return setting
+    for entry in setting:
+        filt = entry.get("filter")
+        if filt is None or filt == "*" or filt in name:
+            return entry["value"]
+    return NOTHING
+
+
 def resolve(spec: ParamSpec, levels: list[Any], name: str, position: float, where: str) -> Any:
     """First level (highest precedence first) that yields a value, else the default."""
     for setting in levels:
         if setting is NOTHING:
             continue
-        if spec.type in (list, dict):
-            return setting
+        if spec.type in (list, dict):  # structured: taken whole, through filters only
+            value = _first_match(setting, name)
+            if value is NOTHING:
+                continue
+            return value
         value = evaluate(setting, name, position)
         if value is not NOTHING:
             return spec.check(value, where)

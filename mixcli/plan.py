@@ -29,6 +29,8 @@ class OutputTensor:
     # optional: computes the tensor into a given one of this shape and dtype, in place; the
     # engine then hands it the output file's own bytes, saving a result buffer and a copy
     fill: Callable[[Any], None] | None = None
+    work_bytes: int | None = None  # working memory beyond the inputs, when the method declares it
+    intra_op: bool = False  # computed alone, with all cores (large linear algebra)
 
     @property
     def nbytes(self) -> int:

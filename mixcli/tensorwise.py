@@ -19,6 +19,11 @@ from .safetensors_io import torch_dtype
 from .seeding import derive_seed
 from .vocabulary import align, row_plan
 
+# a linear-algebra method's matrix this large on both sides gets all cores to itself; smaller
+# ones run one per core (benchmarks/bench_singular.py measures the cross-over)
+INTRA_OP_MIN_SIDE = 1024
+
+
 @dataclass
 class _Source:
     model: str
@@ -173,8 +178,13 @@ class _Planner:
             details["base"] = members[base_index][0].model
         if rows is not None:
             details["vocabulary_rows"] = rows.rows
+        work_bytes = None
+        if method.working_memory is not None and floating == {True}:
+            work_bytes = method.working_memory(tuple(shape), len(members))
+        intra_op = (method.linear_algebra and len(shape) == 2 and floating == {True}
+                    and min(shape) >= INTRA_OP_MIN_SIDE)
         return OutputTensor(out_name, tuple(shape), out_code, compute, reads, details,
-                            fill=compute.fill if fills else None)
+                            fill=compute.fill if fills else None, work_bytes=work_bytes, intra_op=intra_op)
 
 
 def _code(name: str) -> str:
@@ -241,6 +251,8 @@ class _Compute:
             kwargs.update(self.per_model)
             if self.seed is not None:
                 kwargs["seed"] = self.seed
+            if self.method.wants_name:
+                kwargs["name"] = self.name
             if target is not None and self.method.accepts_out and target.dtype == working and device == "cpu":
                 kwargs["out"] = target  # computed straight into the output file
             base = tensors[self.base_index] if self.base_index is not None else None

@@ -7,12 +7,12 @@ One module per method; each defines a parameter dataclass, a pure tensor functio
 import mixcli
 
 from . import (arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della,
-               della_linear, karcher, linear, model_stock, multislerp, nearswap, nuslerp,
-               passthrough, ram, ramplus_tl, sce, slerp, task_arithmetic, ties)
+               della_linear, iso_c, iso_cts, karcher, linear, model_stock, multislerp, nearswap, nuslerp,
+               passthrough, ram, ramplus_tl, sce, slerp, task_arithmetic, ties, tsv_merge)
 
 MODULES = (linear, slerp, nuslerp, multislerp, karcher, task_arithmetic, ties, dare_ties,
            dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, sce, model_stock,
-           nearswap, arcee_fusion, ram, ramplus_tl, passthrough)
+           nearswap, arcee_fusion, ram, ramplus_tl, passthrough, tsv_merge, iso_c, iso_cts)
 
 
 @mixcli.hookimpl

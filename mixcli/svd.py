@@ -1,0 +1,66 @@
+"""Singular-value helpers shared by the methods that decompose task vectors (TSV-M, Iso-C,
+Iso-CTS, rank-one MoE, SMILE).
+
+Everything runs in float32 (float64 when the input is float64), whatever the model dtype.
+Singular components at or below :func:`tolerance` are *dropped*: the SVD of a zero or
+rank-deficient matrix completes its basis with arbitrary, LAPACK-dependent vectors, and a
+merge that kept them would inject directions that no input holds.
+"""
+
+from __future__ import annotations
+
+
+def working(tensor):
+    """``tensor`` in the dtype the decompositions run in (float32, or float64 if it is)."""
+    import torch
+
+    return tensor if tensor.dtype == torch.float64 else tensor.to(torch.float32)
+
+
+def tolerance(sigma_max: float, shape, dtype) -> float:
+    """Singular values at or below this are numerically zero: ``σ_max · max(m, n) · ε``."""
+    import torch
+
+    return float(sigma_max) * max(shape) * torch.finfo(dtype).eps
+
+
+def thin_svd(matrix, reference: float | None = None):
+    """``U, σ, Vᵀ`` of ``matrix`` with the components below :func:`tolerance` zeroed.
+
+    ``reference`` is the σ_max the tolerance scales with when ``matrix`` was derived from a
+    larger one (a residual after a projection), so that rounding noise is not kept."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if s.numel():
+        scale = float(s[0]) if reference is None else max(float(s[0]), reference)
+        keep = s > tolerance(scale, matrix.shape, matrix.dtype)
+        if not bool(keep.all()):
+            u, s, vh = u * keep, s * keep, vh * keep.unsqueeze(1)
+    return u, s, vh
+
+
+def truncated_svd(matrix, k: int, reference: float | None = None):
+    """The top ``k`` components of :func:`thin_svd` (``k`` may exceed the rank)."""
+    u, s, vh = thin_svd(matrix, reference)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def polar(matrix):
+    """The orthogonal polar factor ``P Qᵀ`` of ``matrix = P Σ Qᵀ`` (Procrustes)."""
+    import torch
+
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def rank_per_task(rank_bound: int, tasks: int) -> int:
+    """``int(r · (1/T))`` in double precision, as FusionBench computes TSV-M's per-task rank
+    (not ``r // T``: it differs for some T, e.g. r = 49, T = 49 gives 0)."""
+    return int(rank_bound * (1.0 / tasks))
+
+
+def kept(u, s, vh):
+    """Only the components :func:`thin_svd` did not drop (σ > 0)."""
+    keep = s > 0
+    return u[:, keep], s[keep], vh[keep]

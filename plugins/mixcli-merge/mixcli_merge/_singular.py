@@ -1,0 +1,65 @@
+"""What TSV-M, Iso-C and Iso-CTS share: task vectors in float32, the rule that sends a
+tensor to the method's SVD rule or to the plain mean, and the final ``W0 + c·Δ``."""
+
+from __future__ import annotations
+
+from mixcli import param
+from mixcli.svd import working
+
+from ._torch import torch
+
+EXCLUDE_HELP = ("exact tensor names merged by the mean of the task vectors instead of the SVD rule "
+                "(causal LMs: the embeddings and lm_head)")
+DECOMPOSE_HELP = "use the SVD rule on this 2-D tensor (false: the mean of the task vectors); filterable"
+
+
+def exclude_keys_param():
+    return param([], help=EXCLUDE_HELP)
+
+
+def decompose_param():
+    return param(True, help=DECOMPOSE_HELP)
+
+
+def task_vectors(tensors, base, weights=None) -> list:
+    """``weight_i · (X_i − W0)`` in float32 (float64 for float64 inputs)."""
+    w0 = working(base)
+    taus = [working(x) - w0 for x in tensors]
+    if weights is not None:
+        taus = [tau if w == 1.0 else tau * w for tau, w in zip(taus, weights)]
+    return taus
+
+
+def is_matrix(tensor, name: str | None, exclude_keys, decompose: bool) -> bool:
+    """Floating, two-dimensional, not excluded by name and not switched off."""
+    return (decompose and tensor.is_floating_point() and tensor.dim() == 2 and min(tensor.shape) > 0
+            and (name is None or name not in exclude_keys))
+
+
+def mean(taus):
+    total = torch.zeros_like(taus[0])
+    for tau in taus:
+        total += tau
+    return total / len(taus)
+
+
+def finish(base, delta, coefficient: float):
+    """``W0 + coefficient · Δ`` in the working dtype (rounded once, by the engine)."""
+    return working(base) + (delta if coefficient == 1.0 else delta * coefficient)
+
+
+def working_memory(shape, inputs: int, factor_sets: int) -> int:
+    """Bytes of float32 a decomposition of one ``shape`` matrix holds: task vector and output
+    (2mn), plus ``factor_sets`` sets of factors (mr + rn each)."""
+    if len(shape) != 2:
+        return 16 * max(1, _numel(shape))
+    m, n = shape
+    r = min(m, n)
+    return 4 * (2 * m * n + factor_sets * (m * r + r * n) + m * n)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

@@ -1,0 +1,62 @@
+"""tsv_merge, TSV-M (arXiv 2412.00081): per matrix, each task keeps its top ``int(r/T)``
+singular components; the stacked bases are made orthogonal (polar factors) and multiplied
+back with the original singular values. Other tensors take the mean task vector."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mixcli import MergeMethod, param
+from mixcli.errors import warn
+from mixcli.svd import kept, polar, rank_per_task, truncated_svd
+
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean, task_vectors,
+                        working_memory)
+from ._torch import torch
+
+
+@dataclasses.dataclass
+class Params:
+    alpha: float = param(1.0, help="scale of the merged task vector (FusionBench alpha)")
+    weight: float = param(1.0, help="scale of this model's task vector before its SVD (FusionBench's "
+                                    "list-valued alpha)", per_model=True)
+    exclude_keys: list[str] = exclude_keys_param()
+    decompose: bool = decompose_param()
+
+
+def tsv_delta(taus: list, k: int):
+    """``polar(Û) diag(ŝ) polar(V̂ᵀ)`` from each task vector's top-``k`` components;
+    components a task does not have (zero or low rank) are left out, not invented."""
+    blocks = [kept(*truncated_svd(tau, k)) for tau in taus]
+    values = torch.cat([s for _, s, _ in blocks])
+    if values.numel() == 0:
+        return torch.zeros_like(taus[0])
+    u = torch.cat([u for u, _, _ in blocks], dim=1)
+    vh = torch.cat([vh for _, _, vh in blocks], dim=0)
+    return (polar(u) * values) @ polar(vh)
+
+
+def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompose=True, name=None):
+    weights = weight if isinstance(weight, (list, tuple)) else [weight] * len(tensors)
+    taus = task_vectors(tensors, base, weights)
+    if not is_matrix(base, name, exclude_keys, decompose):
+        return finish(base, mean(taus), alpha)
+    k = rank_per_task(min(base.shape), len(taus))
+    if k == 0:
+        warn(f"tensor '{name}': tsv_merge keeps int({min(base.shape)}/{len(taus)}) = 0 components per task; "
+             "it stays the base")
+        return finish(base, torch.zeros_like(taus[0]), alpha)
+    return finish(base, tsv_delta(taus, k), alpha)
+
+
+METHOD = MergeMethod(
+    name="tsv_merge",
+    summary="TSV-M: per-task top singular vectors, orthogonalised, with their singular values",
+    merge=tsv_merge,
+    params=Params,
+    base="required",
+    min_inputs=1,
+    wants_name=True,
+    linear_algebra=True,
+    working_memory=lambda shape, inputs: working_memory(shape, inputs, 3),
+)

@@ -1,0 +1,178 @@
+"""TSV-M, Iso-C and Iso-CTS: the specification's integer test vectors, the algebraic
+invariants each method guarantees, the guard against arbitrary singular vectors of zero or
+low-rank task matrices, and whole merges through the CLI."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tiny_models
+from conftest import write_project
+from mixcli.cli import cli
+from mixcli.errors import MixcliError
+from mixcli.svd import rank_per_task
+from mixcli_merge.iso_c import iso_c
+from mixcli_merge.iso_cts import iso_cts, iso_cts_delta, subspace_sizes
+from mixcli_merge.tsv_merge import tsv_delta, tsv_merge
+
+TASKS = (2, 3, 4, 8, 14, 20)
+
+
+def test_rank_per_task_is_fusionbenchs_double_precision_rule():
+    assert [rank_per_task(768, t) for t in TASKS] == [384, 256, 192, 96, 54, 38]
+    assert [rank_per_task(1024, t) for t in TASKS] == [512, 341, 256, 128, 73, 51]
+    assert [rank_per_task(50, t) for t in TASKS] == [25, 16, 12, 6, 3, 2]
+    assert rank_per_task(49, 49) == 0  # not 49 // 49
+
+
+def test_iso_cts_subspace_sizes_are_the_specs_vectors():
+    assert [subspace_sizes(768, t, 0.8) for t in TASKS] == [(614, 77), (615, 51), (616, 38), (616, 19),
+                                                            (614, 11), (608, 8)]
+    assert subspace_sizes(1024, 8, 0.8) == (816, 26)
+    assert subspace_sizes(50, 4, 0.8) == (42, 2)  # round half to even; half up would give (38, 3)
+    assert subspace_sizes(768, 3, 1.0) == (768, 0)
+
+
+def family(t=3, shape=(40, 30), seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=dtype)
+    return base, [base + 0.1 * torch.randn(shape, generator=g, dtype=dtype) for _ in range(t)]
+
+
+def singular_values(matrix):
+    return torch.linalg.svdvals(matrix)
+
+
+def test_tsv_with_one_task_is_scaled_task_arithmetic():
+    base, (x,) = family(1)
+    out = tsv_merge([x], base, alpha=0.7, weight=[2.0])
+    torch.testing.assert_close(out, base + 0.7 * 2.0 * (x - base), rtol=0, atol=1e-12)
+
+
+def test_tsv_keeps_each_tasks_spectrum_on_orthogonal_bases():
+    base, xs = family(3)
+    taus = [x - base for x in xs]
+    delta = tsv_merge(xs, base) - base
+    k = rank_per_task(30, 3)
+    expected = torch.cat([singular_values(tau)[:k] for tau in taus]).sort(descending=True).values
+    # U⊥ and V⊥ orthonormal: Δ's singular values are exactly the kept ones
+    torch.testing.assert_close(singular_values(delta)[: 3 * k], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_iso_c_flattens_the_spectrum_of_the_sum():
+    base, xs = family(3)
+    total = sum(x - base for x in xs)
+    delta = iso_c(xs, base, scaling_factor=1.0) - base
+    mean = singular_values(total).mean()
+    torch.testing.assert_close(singular_values(delta), mean.expand(30), rtol=1e-10, atol=0)
+    u, _, vh = torch.linalg.svd(total, full_matrices=False)
+    torch.testing.assert_close(delta, mean * (u @ vh), rtol=1e-10, atol=1e-12)
+    # positive homogeneity, and the scaling factor scales Δ
+    torch.testing.assert_close(iso_c(xs, base, scaling_factor=1.5) - base, 1.5 * delta, rtol=1e-10, atol=1e-12)
+
+
+def test_iso_cts_with_the_whole_rank_common_is_iso_c():
+    base, xs = family(3)
+    torch.testing.assert_close(iso_cts(xs, base, common_space_fraction=1.0), iso_c(xs, base),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_iso_cts_has_a_flat_spectrum_on_orthogonal_bases():
+    base, xs = family(3)
+    delta = iso_cts(xs, base) - base
+    values = singular_values(delta)
+    torch.testing.assert_close(values, values.mean().expand(30), rtol=1e-9, atol=0)
+
+
+def test_a_zero_task_vector_adds_no_direction():
+    base, xs = family(3)
+    frozen = xs[:2] + [base.clone()]  # the third model left this matrix unchanged
+    taus = [x - base for x in xs[:2]]
+    k = rank_per_task(30, 3)  # it still counts in T, as in FusionBench
+    torch.testing.assert_close(tsv_merge(frozen, base) - base, tsv_delta(taus, k), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(iso_c(frozen, base), iso_c(xs[:2], base), rtol=1e-10, atol=1e-12)
+    c, d = subspace_sizes(30, 3, 0.8)
+    torch.testing.assert_close(iso_cts(frozen, base) - base, iso_cts_delta(taus, c, d), rtol=1e-10, atol=1e-12)
+
+
+def test_low_rank_task_vectors_keep_the_merge_in_their_subspace():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 48, dtype=torch.float64, generator=g)
+    # LoRA-like fine-tunes: rank-2 task vectors
+    xs = [base + torch.randn(64, 2, dtype=torch.float64, generator=g) @ torch.randn(2, 48, dtype=torch.float64,
+                                                                                  generator=g)
+          for _ in range(3)]
+    total = sum(x - base for x in xs)
+    u, s, _ = torch.linalg.svd(total, full_matrices=False)
+    span = u[:, : int((s > s[0] * 1e-10).sum())]  # the column space of the sum (rank 6)
+    for method in (tsv_merge, iso_c, iso_cts):
+        delta = method(xs, base) - base
+        outside = delta - span @ (span.T @ delta)
+        assert outside.norm() <= 1e-9 * delta.norm(), method.__name__
+
+
+def test_bfloat16_inputs_are_decomposed_in_float32():
+    base, xs = family(3, dtype=torch.float32)
+    low = [t.to(torch.bfloat16) for t in [base] + xs]
+    out = iso_c(low[1:], low[0])
+    assert out.dtype == torch.float32
+    reference = iso_c([t.float() for t in low[1:]], low[0].float())
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_other_tensors_take_the_mean_task_vector():
+    base, xs = family(3, shape=(30,))
+    mean = sum(x - base for x in xs) / 3
+    torch.testing.assert_close(tsv_merge(xs, base, alpha=2.0), base + 2.0 * mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(iso_cts(xs, base, scaling_factor=0.5), base + 0.5 * mean, rtol=1e-12, atol=1e-12)
+    matrix_base, matrix_xs = family(3)
+    excluded = iso_c(matrix_xs, matrix_base, exclude_keys=["w"], name="w")
+    torch.testing.assert_close(excluded, matrix_base + sum(x - matrix_base for x in matrix_xs) / 3,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_a_common_subspace_that_cannot_fit_is_an_error():
+    base, xs = family(2, shape=(3, 5))
+    with pytest.raises(MixcliError, match="leaves a common subspace of -1 for 2 tasks of rank 3"):
+        iso_cts(xs, base, common_space_fraction=0.0)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("tsv_merge", "alpha = 1.0"),
+    ("iso_c", "scaling_factor = 1.5"),
+    ("iso_cts", "scaling_factor = 1.5\ncommon_space_fraction = 0.8"),
+])
+def test_whole_merges_equal_the_pure_function_and_load(method, params, tmp_path, llama_family):
+    excluded = ["model.embed_tokens.weight", "lm_head.weight"]
+    project = write_project(tmp_path, f"""
+[models]
+base = "{llama_family['base']}"
+ft1 = "{llama_family['ft1']}"
+ft2 = "{llama_family['ft2']}"
+ft3 = "{llama_family['ft3']}"
+[method]
+name = "{method}"
+base = "base"
+{params}
+exclude_keys = {excluded!r}
+[output]
+path = "out"
+""".replace("'", '"'))
+    result = CliRunner().invoke(cli, ["merge", str(project)])
+    assert result.exit_code == 0, result.output
+    merged = tiny_models.load_tensors(tmp_path / "out")
+    inputs = {m: tiny_models.load_tensors(llama_family[m]) for m in ("base", "ft1", "ft2", "ft3")}
+    function = {"tsv_merge": tsv_merge, "iso_c": iso_c, "iso_cts": iso_cts}[method]
+    kwargs = dict(line.split(" = ") for line in params.splitlines())
+    kwargs = {k: float(v) for k, v in kwargs.items()}
+    for name, tensor in merged.items():
+        expected = function([inputs[m][name] for m in ("ft1", "ft2", "ft3")], inputs["base"][name],
+                            exclude_keys=excluded, name=name, **kwargs)
+        # the engine decomposes on one thread, this test on all: LAPACK rounds differently
+        torch.testing.assert_close(tensor, expected.to(tensor.dtype), rtol=1e-4, atol=1e-5)
+    delta = merged["model.embed_tokens.weight"] - inputs["base"]["model.embed_tokens.weight"]
+    mean = sum(inputs[m]["model.embed_tokens.weight"] for m in ("ft1", "ft2", "ft3")) / 3 \
+        - inputs["base"]["model.embed_tokens.weight"]
+    scale = kwargs.get("alpha", kwargs.get("scaling_factor"))
+    torch.testing.assert_close(delta, scale * mean, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(tiny_models.logits(tmp_path / "out")).all()
