@@ -50,7 +50,8 @@ def test_registers_all_methods_with_contracts():
     assert set(by_name) == {"linear", "slerp", "task_arithmetic", "ties", "dare_ties",
                             "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                             "della_linear", "model_stock", "passthrough", "nuslerp", "multislerp",
-                            "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
+                            "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
+                            "tsv_merge", "iso_c", "iso_cts"}
     assert by_name["linear"].base == "ignored" and by_name["passthrough"].base == "ignored"
     assert by_name["passthrough"].max_inputs == 1
     assert (by_name["slerp"].min_inputs, by_name["slerp"].max_inputs) == (1, 1)
