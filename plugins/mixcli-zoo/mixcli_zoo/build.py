@@ -10,6 +10,7 @@ from pathlib import Path
 from .training import read_json, set_threads, write_json
 
 FAMILIES = ("vision", "language")
+SIZES = ("quick", "full", "tiny")
 
 
 def _version(family: str) -> str:
@@ -20,21 +21,26 @@ def _version(family: str) -> str:
     return VERSION
 
 
-def build_zoo(root: Path, size: str = "full", seed: int = 0, families=FAMILIES, log=print) -> dict:
+def build_zoo(root: Path, size: str = "full", seed: int = 0, families=FAMILIES, log=print,
+              threads: int | None = None) -> dict:
     """Build the zoo under ``root`` and return ``{family: manifest}``.
 
     A family is rebuilt only when ``root/<family>/manifest.json`` is missing or records a
     different size, seed or code version; otherwise its manifest is returned as is. All
     paths in manifests are relative to ``root``.
     """
-    if size not in ("full", "tiny"):
-        raise ValueError(f"size must be 'full' or 'tiny', not {size!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
     root = Path(root)
-    # full: 2 threads (the target machine's cores). tiny: 1 thread, since its 32-wide
-    # matrices gain nothing from intra-op threads and oversubscribed cores (tests running
-    # in parallel) make spinning OpenMP threads 5-20x slower. MIXCLI_ZOO_THREADS overrides
-    # (a different thread count may change low-order bits of the trained weights).
-    set_threads(int(os.environ.get("MIXCLI_ZOO_THREADS", 2 if size == "full" else 1)))
+    # full: 2 threads (the target machine's cores). quick and tiny: 1 thread, since their
+    # 64- and 32-wide matrices gain little from intra-op threads and oversubscribed cores
+    # (other work running) make spinning OpenMP threads 5-20x slower. ``threads`` (the demo's
+    # --threads) or MIXCLI_ZOO_THREADS overrides; a different thread count may change the
+    # low-order bits of the trained weights.
+    set_threads(threads or int(os.environ.get("MIXCLI_ZOO_THREADS", 2 if size == "full" else 1)))
+    from mixcli.progress import quiet_libraries
+
+    quiet_libraries()  # our bars show the training; transformers' "Writing model shards" would not
     result = {}
     for family in families:
         if family not in FAMILIES:
@@ -83,7 +89,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description="Build the mixcli model zoo.")
     p.add_argument("root", type=Path)
-    p.add_argument("--size", default="full", choices=("full", "tiny"))
+    p.add_argument("--size", default="full", choices=SIZES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--families", default=",".join(FAMILIES))
     a = p.parse_args(argv)

@@ -9,12 +9,24 @@ zoo exists at ``zoo/``; the demo rewrites that prefix when the zoo lives elsewhe
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import click
 
 ZOO_PREFIX = "../../zoo/"
+# What each size runs: the projects (None: every one in examples/demo) and, for quick, shorter
+# [tune] and [adapt] runs; every other setting is the project's own. The quick zoo's language
+# task arithmetic and TIES fall below its base at the full zoo's λ, so quick shows its average
+# and its MoE only.
+RUNS = {
+    "quick": {"projects": ("vision-average", "vision-task_arithmetic", "vision-ties", "vision-we_moe",
+                           "language-average", "language-moe"),
+              "steps": {"tune": ("steps", 200), "adapt": ("max_steps", 150)}},
+    "full": {"projects": None, "steps": {}},
+    "tiny": {"projects": None, "steps": {}},
+}
 
 
 def family_evaluation(family: str, manifest: dict, root: Path) -> tuple[str, dict, dict]:
@@ -28,18 +40,30 @@ def family_evaluation(family: str, manifest: dict, root: Path) -> tuple[str, dic
 
 
 def _run_cli(*args: str) -> None:
-    from click.testing import CliRunner
-
+    """``mixcli ARGS`` in this process, its output (progress bars included) shown as it comes."""
     from mixcli.cli import cli
 
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    if result.exit_code != 0:
-        raise click.ClickException(f"mixcli {' '.join(args)} failed:\n{result.output.strip()}")
+    try:
+        cli.main(list(args), prog_name="mixcli", standalone_mode=False)
+    except click.ClickException as error:
+        raise click.ClickException(f"mixcli {' '.join(args)}: {error.format_message()}") from None
 
 
-def render(project: Path, root: Path, folder: Path) -> Path:
-    """A copy of a demo project whose zoo paths point at ``root``."""
+def set_steps(text: str, section: str, key: str, value: int) -> str:
+    """``text`` with ``key = <int>`` of the TOML table ``[section]`` set to ``value``."""
+    table = re.search(rf"^\[{re.escape(section)}\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    if table is None:
+        return text
+    body = re.sub(rf"^{re.escape(key)}\s*=\s*\d+", f"{key} = {value}", table.group(1), count=1, flags=re.M)
+    return text[:table.start(1)] + body + text[table.end(1):]
+
+
+def render(project: Path, root: Path, folder: Path, steps: dict | None = None) -> Path:
+    """A copy of a demo project whose zoo paths point at ``root``; ``steps`` maps a table to
+    the (key, step count) it runs instead of its own (``{"tune": ("steps", 200)}``)."""
     text = project.read_text().replace(ZOO_PREFIX, root.resolve().as_posix() + "/")
+    for section, (key, value) in (steps or {}).items():
+        text = set_steps(text, section, key, value)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / project.name
     target.write_text(text)
@@ -50,11 +74,11 @@ def run_project(path: Path) -> Path:
     """Merge (and tune, when the project has [tune]); return the folder to evaluate."""
     from mixcli.core import load_project
 
-    _run_cli("merge", str(path), "--force", "--no-progress")
+    _run_cli("merge", str(path), "--force")
     project, _ = load_project(path)
     tune = project.sections.get("tune")
     if tune is not None:
-        _run_cli("tune", str(path), "--force", "--no-progress")
+        _run_cli("tune", str(path), "--force")
         output = tune.get("output")
         return (path.parent / output) if output else Path(str(project.output_path) + "-tuned")
     return project.output_path
@@ -74,7 +98,7 @@ def table(family: str, rows: dict[str, dict]):
     tasks = [k for k in next(iter(rows.values())) if k != "mean"]
     metric = "accuracy" if family == "vision" else "exact match"
     out = Table(title=f"{family}: {metric} per task")
-    out.add_column("model")
+    out.add_column("model", overflow="fold")
     for task in tasks + ["mean"]:
         out.add_column(task, justify="right")
     for name, scores in rows.items():
@@ -107,14 +131,18 @@ def evaluate(folder: Path, evaluator: str, settings: dict) -> dict:
 
 
 @click.command("demo")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("zoo"), show_default=True,
-              help="Where the model zoo is built (and cached).")
-@click.option("--size", type=click.Choice(["full", "tiny"]), default="full", show_default=True)
+@click.option("--size", type=click.Choice(list(RUNS)), default="quick", show_default=True,
+              help="quick: a small zoo and six projects (minutes); full: the full zoo and every project "
+                   "(about 50 minutes on 2 cores); tiny: the smallest zoo, for tests.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the model zoo is built and cached [default: zoo for full, zoo/SIZE otherwise].")
 @click.option("--families", default="vision,language", show_default=True, help="Zoo families to run.")
 @click.option("--examples", type=click.Path(file_okay=False, path_type=Path), help="Folder of demo projects.")
-@click.option("--only", default="", help="Comma-separated demo project names to run (default: all).")
+@click.option("--only", default="", help="Comma-separated demo project names to run (default: the size's).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for training the zoo [default: 2 for "
+              "full, 1 otherwise]; a different count may change the low-order bits of the trained weights.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(root, size, families, examples, only, seed):
+def demo(size, root, families, examples, only, threads, seed):
     """Build the model zoo, run the demo projects and compare base, experts and merges."""
     from mixcli.progress import console as make_console
 
@@ -122,10 +150,11 @@ def demo(root, size, families, examples, only, seed):
 
     console = make_console()  # in a log, the comparison table keeps its full task names
     started = time.time()
+    root = root or (Path("zoo") if size == "full" else Path("zoo") / size)
     chosen = tuple(f for f in families.split(",") if f)
-    manifests = build_zoo(root, size=size, seed=seed, families=chosen, log=console.print)
+    manifests = build_zoo(root, size=size, seed=seed, families=chosen, log=console.print, threads=threads)
     examples = find_examples(examples)
-    wanted = {name for name in only.split(",") if name}
+    wanted = {name for name in only.split(",") if name} or set(RUNS[size]["projects"] or ())
     results: dict[str, dict[str, dict]] = {}
     for family, manifest in manifests.items():
         evaluator, every_task, per_task = family_evaluation(family, manifest, root)
@@ -146,7 +175,7 @@ def demo(root, size, families, examples, only, seed):
             if wanted and project.stem not in wanted:
                 continue
             console.print(f"[bold]{project.stem}[/]")
-            folder = run_project(render(project, root, root / "demo" / "projects"))
+            folder = run_project(render(project, root, root / "demo" / "projects", RUNS[size]["steps"]))
             rows[label] = evaluate(folder, evaluator, every_task)
         results[family] = rows
         console.print(table(family, rows))

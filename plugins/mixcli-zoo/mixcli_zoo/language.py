@@ -96,6 +96,11 @@ SIZES = {
     "full": dict(hidden=96, layers=2, heads=4, mlp=256, pre_steps=1000, pre_lr=3e-3, p_long=0.1,
                  ft_steps=300, ft_lr=3e-4, mlp_lr_mult=2.0, batch=64,
                  n_pre=20000, n_train=2000, n_test=200),
+    # quick (`mixcli demo`): narrower, fewer steps and examples, no MLP-only experts (the quick
+    # demo runs no project that reads them)
+    "quick": dict(hidden=64, layers=2, heads=2, mlp=192, pre_steps=400, pre_lr=5e-3, p_long=0.1,
+                  ft_steps=150, ft_lr=1e-3, mlp_lr_mult=2.0, batch=64, mlp_experts=False,
+                  n_pre=8000, n_train=1000, n_test=100),
     "tiny": dict(hidden=64, layers=1, heads=2, mlp=128, pre_steps=150, pre_lr=5e-3,
                  ft_steps=60, ft_lr=5e-3, mlp_lr_mult=3.0, batch=64, p_long=0.0,
                  n_pre=3000, n_train=500, n_test=50),
@@ -142,7 +147,7 @@ def lm_loss(model, x, m, y):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
 
 
-def train(model, data, *, steps, lr, batch, gen, only=None, frozen=(), warmup=30, wd=0.0):
+def train(model, data, *, steps, lr, batch, gen, only=None, frozen=(), warmup=30, wd=0.0, label="training"):
     """Train all parameters, or only those whose name contains ``only`` (e.g. "mlp."),
     except those whose name contains one of ``frozen``."""
     x, m, y = data
@@ -157,7 +162,7 @@ def train(model, data, *, steps, lr, batch, gen, only=None, frozen=(), warmup=30
         return lm_loss(model, x[idx, :L], m[idx, :L], y[idx, :L])
 
     last = train_loop(params, loss_fn, len(x), steps=steps, batch_size=batch, lr=lr, gen=gen,
-                      warmup=warmup, weight_decay=wd)
+                      warmup=warmup, weight_decay=wd, label=label)
     for p in model.parameters():
         p.requires_grad_(True)
     return last
@@ -203,7 +208,7 @@ def build_language(out: Path, size: str, seed: int, log=print) -> dict:
 
     model = LlamaForCausalLM(make_config(hp, tok))
     train(model, encode(tok, pre, answer_only=False), steps=hp["pre_steps"], lr=hp["pre_lr"],
-          batch=hp["batch"], gen=gen, wd=0.01)
+          batch=hp["batch"], gen=gen, wd=0.01, label="language: pretraining the base")
     model.eval()
     model.save_pretrained(out / "base", safe_serialization=True)
     tok.save_pretrained(out / "base")
@@ -211,12 +216,14 @@ def build_language(out: Path, size: str, seed: int, log=print) -> dict:
     log(f"  language base trained ({time.time() - t_start:.0f}s)")
 
     members = {"experts": [], "mlp_experts": []}
-    for kind, only in (("experts", None), ("mlp_experts", "mlp.")):
+    kinds = (("experts", None), ("mlp_experts", "mlp.")) if hp.get("mlp_experts", True) else (("experts", None),)
+    for kind, only in kinds:
         for task in EXPERT_TASKS:
             model.load_state_dict(base_sd)
             train(model, encode(tok, splits[task], answer_only=True), steps=hp["ft_steps"],
                   lr=hp["ft_lr"] * (hp["mlp_lr_mult"] if only else 1.0), batch=hp["batch"], gen=gen,
-                  only=only, frozen=EXPERT_FROZEN, warmup=10)
+                  only=only, frozen=EXPERT_FROZEN, warmup=10,
+                  label=f"language: {'MLP-only expert' if only else 'expert'} {task}")
             model.eval()
             folder = f"{kind}/{task}"
             model.save_pretrained(out / folder, safe_serialization=True)

@@ -126,6 +126,9 @@ SIZES = {
     # hold the patch/position geometry every task shares; changing them wrecks merges)
     "full": dict(hidden=128, layers=4, heads=4, mlp=512, batch=128, pre_steps=800, pre_lr=2e-3,
                  ft_steps=150, ft_batch=64, ft_lr=1e-4, freeze=("embeddings.",), tasks=TASKS),
+    # quick (`mixcli demo`, the README's first command): half as wide, half as deep, fewer steps
+    "quick": dict(hidden=64, layers=2, heads=2, mlp=256, batch=128, pre_steps=400, pre_lr=3e-3,
+                  ft_steps=100, ft_batch=64, ft_lr=3e-4, freeze=("embeddings.",), tasks=TASKS),
     # tiny only has to show experts beating the base, so experts train harder there
     "tiny": dict(hidden=32, layers=2, heads=2, mlp=64, batch=128, pre_steps=250, pre_lr=5e-3,
                  ft_steps=100, ft_batch=64, ft_lr=2e-3, freeze=(), tasks=TASKS),
@@ -202,7 +205,8 @@ def build_vision(out: Path, size: str, seed: int, log=print) -> dict:
         return F.cross_entropy(head(features(model, pretrain_augment(xtr[idx], gen))), ytr[idx])
 
     train_loop(params, pre_loss, len(ytr), steps=hp["pre_steps"], batch_size=hp["batch"],
-               lr=hp["pre_lr"], gen=gen, weight_decay=0.05, warmup=min(50, hp["pre_steps"] // 5))
+               lr=hp["pre_lr"], gen=gen, weight_decay=0.05, warmup=min(50, hp["pre_steps"] // 5),
+               label="vision: pretraining the base")
     model.eval()
     _save_member(out / "base", model, head.weight, head.bias, "digits", 10, rel_from("base", "digits"))
     base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -222,7 +226,8 @@ def build_vision(out: Path, size: str, seed: int, log=print) -> dict:
             p.requires_grad_(not n.startswith(hp["freeze"]))
         model.train()
         train_loop(trainable, lambda idx: F.cross_entropy(h(features(model, xtr_t[idx])), ytr_t[idx]),
-                   len(ytr_t), steps=hp["ft_steps"], batch_size=hp["ft_batch"], lr=hp["ft_lr"], gen=gen, warmup=10)
+                   len(ytr_t), steps=hp["ft_steps"], batch_size=hp["ft_batch"], lr=hp["ft_lr"], gen=gen, warmup=10,
+                   label=f"vision: expert {name}")
         for p in model.parameters():
             p.requires_grad_(True)
         model.eval()
