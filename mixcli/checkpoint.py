@@ -76,7 +76,7 @@ def open_safetensors(folder: Path, where: str) -> dict[str, TensorInfo]:
         if not isinstance(weight_map, dict):
             raise MixcliError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
         for name, filename in weight_map.items():
-            if filename not in files:
+            if not isinstance(filename, str) or filename not in files:
                 shard = _shard_path(folder, index_path, name, filename)
                 if not shard.is_file():
                     raise MixcliError(f"{index_path}: shard '{filename}' (holding '{name}') is missing")

@@ -31,9 +31,10 @@ def check_target(target: Path, force: bool, protected: Mapping[str, Path] | None
     real = Path(os.path.realpath(target))
     for label, folder in (protected or {}).items():
         folder = Path(os.path.realpath(folder))
-        if real == folder or real.is_relative_to(folder) or folder.is_relative_to(real):
+        inside = real.is_relative_to(folder) and not folder.is_file()
+        if real == folder or inside or folder.is_relative_to(real):
             how = ("is" if real == folder else "lies inside" if real.is_relative_to(folder) else "holds")
-            raise MixcliError(f"{target} {how} the folder of {label} ({folder}); mixcli never writes "
+            raise MixcliError(f"{target} {how} {label} ({folder}); mixcli never writes "
                               "over its inputs, --force or not: choose another output path")
     if project_file is not None:
         home = Path(os.path.realpath(project_file))
@@ -48,12 +49,19 @@ def check_target(target: Path, force: bool, protected: Mapping[str, Path] | None
 
 
 def protected_folders(project, models: Mapping | None = None) -> dict[str, Path]:
-    """The folders a merge of ``project`` reads: the local model folders (and, once opened,
-    where every model really lives, Hub downloads included)."""
-    folders = {f"model '{name}'": ref.resolved_path for name, ref in project.models.items()
+    """What a merge of ``project`` reads, by a label for messages: the local model folders,
+    and once the models are open, where each really lives (a Hub download's snapshot) and
+    the weight files it links to elsewhere (the Hub cache's blobs, a user's own links: an
+    output may lie beside those, not over them)."""
+    folders = {f"the folder of model '{name}'": ref.resolved_path for name, ref in project.models.items()
                if ref.resolved_path.is_dir()}
     for name, ckpt in (models or {}).items():
-        folders[f"model '{name}'"] = Path(ckpt.path)
+        folders[f"the folder of model '{name}'"] = Path(ckpt.path)
+        home = Path(os.path.realpath(ckpt.path))
+        files = {Path(os.path.realpath(info.file.path)) for info in ckpt.tensors.values()
+                 if hasattr(info.file, "path")}
+        for i, file in enumerate(sorted(f for f in files if not f.is_relative_to(home))):
+            folders[f"the weights of model '{name}'{f' #{i + 1}' if i else ''}"] = file
     return folders
 
 

@@ -56,6 +56,22 @@ def test_force_never_replaces_an_input_model(tmp_path, llama_family, out, how):
     assert leftovers(tmp_path / "models", "ft1") == [] and leftovers(tmp_path, "models") == []
 
 
+def test_weights_linked_from_elsewhere_are_protected_where_they_are(tmp_path, llama_family):
+    # a model folder whose weights are a link into another folder, as in the Hub cache
+    (tmp_path / "store").mkdir()
+    shutil.copyfile(llama_family["ft1"] / "model.safetensors", tmp_path / "store" / "weights.safetensors")
+    shutil.copytree(llama_family["ft1"], tmp_path / "linked")
+    (tmp_path / "linked" / "model.safetensors").unlink()
+    (tmp_path / "linked" / "model.safetensors").symlink_to(tmp_path / "store" / "weights.safetensors")
+    before = digest(tmp_path / "store")
+    project = linear_project(tmp_path / "proj", tmp_path / "linked", llama_family["ft2"])
+    assert_one_line_error(run("merge", project, "--out", tmp_path / "store", "--force"),
+                          "holds the weights of model 'a'", "never writes over its inputs")
+    assert digest(tmp_path / "store") == before
+    assert run("merge", project, "--out", tmp_path / "store" / "merged").exit_code == 0  # beside is fine
+    assert digest(tmp_path / "store" / "merged") and (tmp_path / "store" / "weights.safetensors").is_file()
+
+
 @pytest.mark.parametrize("out", [".", ".."])
 def test_force_never_replaces_the_project_folder(tmp_path, llama_family, out):
     project = linear_project(tmp_path / "proj", llama_family["ft1"], llama_family["ft2"])
@@ -94,6 +110,14 @@ def test_shard_names_outside_the_model_folder_are_refused(tmp_path, llama_family
     assert_one_line_error(run("merge", project), "m/model.safetensors.index.json", f"entry '{entry}'",
                           f"'{shard}'", "outside the model folder")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_entry_that_is_not_a_file_name_is_one_line(tmp_path, llama_family):
+    entry = "model.norm.weight"
+    model = _sharded_copy(llama_family["ft1"], tmp_path / "m", entry, ["model.safetensors"])
+    project = linear_project(tmp_path, model, llama_family["base"], output="out")
+    assert_one_line_error(run("merge", project), f"entry '{entry}' names shard ['model.safetensors']",
+                          "file names inside the model folder")
 
 
 def test_a_sharded_index_inside_the_folder_still_reads(tmp_path, llama_family):

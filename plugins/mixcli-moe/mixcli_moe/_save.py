@@ -108,4 +108,4 @@ def save_tuned(source: Path, target: Path, model, trainable: list[str], settings
         "tune_loss.png): `mixcli merge mixcli.toml --out MERGED` and `mixcli tune mixcli.toml --model MERGED "
         "--out NEW` repeat both steps."))
     return write_plan(plan, target, force=force, recipe=recipe, card=card, progress=False,
-                      protected={"the model to tune": source}, project_file=project.file)
+                      protected={"the folder of the model to tune": source}, project_file=project.file)

@@ -114,7 +114,7 @@ def tune_command(project, model, out, force, no_progress):
     from mixcli.engine import check_target
     from mixcli.target import protected_folders
 
-    protected = {"the model to tune": Path(source), **protected_folders(proj)}
+    protected = {"the folder of the model to tune": Path(source), **protected_folders(proj)}
     check_target(Path(target).absolute(), force, protected, proj.file)
     from ._train import train
 
