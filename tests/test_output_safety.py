@@ -295,3 +295,17 @@ def test_only_dead_runs_temporary_folders_are_removed(tmp_path, llama_family):
     assert run("merge", project, "--force").exit_code == 0
     assert not previous.exists()
     assert leftovers(tmp_path, "out") == sorted(p.name for p in (live, foreign, odd_name))
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next_merge(tmp_path, llama_family):
+    process = _slow_merge(tmp_path, llama_family, 2, SLOW_DELAY="0.3")
+    _wait_for(tmp_path / "started", process)
+    process.kill()  # SIGKILL: no cleanup can run
+    process.communicate(timeout=60)
+    left = leftovers(tmp_path, "out")
+    assert any(name.startswith(".out.tmp-") for name in left), left
+    project = linear_project(tmp_path / "again", llama_family["ft1"], llama_family["ft2"],
+                             output=str(tmp_path / "out"))
+    assert run("merge", project).exit_code == 0
+    assert leftovers(tmp_path, "out") == []
+    assert (tmp_path / "out" / "model.safetensors").is_file()
