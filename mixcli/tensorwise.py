@@ -402,10 +402,11 @@ def _partial(planner: _Planner, piece: _Slice, name: str, held: list, lacking: l
     where = f"{piece.where}: tensor '{name}' is in model(s) {have} but not in {lack}"
     base = piece.base if method.base != "ignored" else None
     base_member = next(((s, n) for s, n in held if s.model == base), None)
+    not_base = f"{piece.where}: tensor '{name}' is in model(s) {have} but not in the base '{base}'"
     if method.partial_tensors == "base_or_skip":
         if base_member is not None:
             return _copy(planner, base_member, name)
-        warn(f"{where} nor in the base; method '{method.name}' leaves it out of the output")
+        warn(f"{not_base}; method '{method.name}' leaves it out of the output")
         return None
     if method.partial_tensors == "singleton":
         if len(held) == 1:
@@ -413,7 +414,7 @@ def _partial(planner: _Planner, piece: _Slice, name: str, held: list, lacking: l
         raise MixcliError(f"{where}; method '{method.name}' copies such a tensor only from a single model; "
                           "give all models the tensor or remove it from all but one")
     if base is not None and base_member is None and method.base == "required":
-        raise MixcliError(f"{where}, the base; method '{method.name}' cannot merge it without the base")
+        raise MixcliError(f"{not_base}; method '{method.name}' cannot merge it without the base's")
     others = [m for m in held if m is not base_member]
     if not others:
         return _copy(planner, base_member, name)

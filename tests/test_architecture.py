@@ -163,8 +163,33 @@ weight = 1.0
 [output]
 path = "out"
 """, "ta.toml")
-    fails(project, "ta.toml: [models]: tensor 'score.weight' is in model(s) 'a' but not in 'b', the base; "
-                   "method 'task_arithmetic' cannot merge it without the base")
+    fails(project, "ta.toml: [models]: tensor 'score.weight' is in model(s) 'a' but not in the base 'b'; "
+                   "method 'task_arithmetic' cannot merge it without the base's")
+
+
+def test_model_stock_copies_the_bases_partial_tensor_or_leaves_it_out_with_a_warning(tmp_path, llama_family):
+    extra_base, extra = with_extra_tensor(tmp_path, llama_family["base"])
+    extra_ft1, _ = with_extra_tensor(tmp_path, llama_family["ft1"])
+
+    def stock(base, a, b, out):
+        return write_project(tmp_path, f"""
+[models]
+base = "{base}"
+a = "{a}"
+b = "{b}"
+[method]
+name = "model_stock"
+base = "base"
+[output]
+path = "{out}"
+""", f"{out}.toml")
+
+    merge(stock(extra_base, llama_family["ft1"], llama_family["ft2"], "from_base"))
+    assert torch.equal(tiny_models.load_tensors(tmp_path / "from_base")["score.weight"], extra)
+    result = merge(stock(llama_family["base"], extra_ft1, llama_family["ft2"], "left_out"))
+    assert "score.weight" not in tiny_models.load_tensors(tmp_path / "left_out")
+    assert ("warning: left_out.toml: [models]: tensor 'score.weight' is in model(s) 'a' but not in the base "
+            "'base'; method 'model_stock' leaves it out of the output") in " ".join(result.output.split())
 
 
 def test_a_config_whose_layer_count_disagrees_with_its_tensors_is_an_error(tmp_path, llama_family):
