@@ -4,73 +4,24 @@ through [[slices]]), with every parameter resolved per tensor before anything is
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from functools import reduce
 
+from .architecture import (check_layer_count, head_name, head_source, is_tied, layer_templates, map_config,
+                           tensor_role)
 from .checkpoint import Checkpoint
 from .components import MergeMethod
 from .errors import MixcliError, Warnings, warn
 from .params import NOTHING, resolve
-from .architecture import (check_layer_count, head_name, head_source, is_tied, layer_templates, map_config,
-                           tensor_role)
 from .plan import OutputPlan, OutputTensor, output_dtype_name, set_dtype
 from .project import Project
 from .safetensors_io import torch_dtype
 from .seeding import derive_seed
+from .slices import Slice, Source, slices as plan_slices
 from .vocabulary import align, row_plan
 
 # a linear-algebra method's matrix this large on both sides gets all cores to itself; smaller
 # ones run one per core (benchmarks/bench_singular.py measures the cross-over)
 INTRA_OP_MIN_SIDE = 1024
-
-
-@dataclass
-class _Source:
-    model: str
-    ckpt: Checkpoint
-    start: int
-    params: dict
-    where: str
-
-
-@dataclass
-class _Slice:
-    sources: list[_Source]
-    length: int
-    base: str | None
-    params: dict
-    where: str
-
-
-def _slices(project: Project, models: dict[str, Checkpoint]) -> list[_Slice]:
-    if project.slices is None:
-        sources = [_Source(name, ckpt, 0, {}, project.models[name].where) for name, ckpt in models.items()]
-        lengths = {s.ckpt.num_layers or 0 for s in sources}
-        if len(lengths) > 1:
-            counts = ", ".join(f"'{s.model}' {s.ckpt.num_layers}" for s in sources)
-            raise MixcliError(f"{project.where}: [models] have different layer counts ({counts}); "
-                              "merge them layer by layer with [[slices]]")
-        return [_Slice(sources, lengths.pop(), project.base, {}, f"{project.where}: [models]")]
-    out = []
-    for piece in project.slices:
-        sources, lengths = [], set()
-        for source in piece.sources:
-            ckpt = models[source.model]
-            total = ckpt.num_layers
-            start, end = source.layer_range or (0, total or 0)
-            if total is None and source.layer_range is not None:
-                raise MixcliError(f"{source.where}: model '{source.model}' has no layer count in its "
-                                  "config.json, so layer_range cannot apply")
-            if end > (total or 0):
-                raise MixcliError(f"{source.where}: layer_range [{start}, {end}] is out of range: "
-                                  f"model '{source.model}' has {total} layers (0..{total - 1})")
-            sources.append(_Source(source.model, ckpt, start, source.params, source.where))
-            lengths.add(end - start)
-        if len(lengths) > 1:
-            raise MixcliError(f"{piece.where}: all sources must span the same number of layers, got "
-                              f"{sorted(lengths)}")
-        out.append(_Slice(sources, lengths.pop(), piece.base or project.base, piece.params, piece.where))
-    return out
 
 
 def _global_setting(project: Project, key: str, model: str | None = None):
@@ -82,7 +33,7 @@ def _global_setting(project: Project, key: str, model: str | None = None):
     return entries or NOTHING
 
 
-def _stored_name(source: _Source, name: str) -> str | None:
+def _stored_name(source: Source, name: str) -> str | None:
     """The name under which ``source`` stores ``name``: itself, a tied model's embedding for
     the head, or None."""
     if name in source.ckpt.tensors:
@@ -114,7 +65,7 @@ class _Planner:
                 return False
         return True
 
-    def group(self, piece: _Slice, out_name: str, in_names: list[str], position: float) -> OutputTensor:
+    def group(self, piece: Slice, out_name: str, in_names: list[str], position: float) -> OutputTensor:
         method, project = self.method, self.project
         members = list(zip(piece.sources, in_names))
         infos = [s.ckpt.tensors[n] for s, n in members]
@@ -289,7 +240,7 @@ def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoi
 
     for name, ckpt in models.items():
         check_layer_count(ckpt, project.models[name].where)
-    pieces = _slices(project, models)
+    pieces = plan_slices(project, models)
     planner = _Planner(project, method, models)
     planner.vocabulary = plan_vocabulary(project, models)
     for piece in pieces:
@@ -367,7 +318,7 @@ def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoi
     return plan
 
 
-def _outside_layers(planner: _Planner, piece: _Slice, roles: tuple[str, ...] | None,
+def _outside_layers(planner: _Planner, piece: Slice, roles: tuple[str, ...] | None,
                     head_always: bool = False) -> list[OutputTensor]:
     """The output tensors outside the layers (of ``roles``; None: all) that any source of
     ``piece`` holds. A tied source gives its embedding as the head; a tensor only some sources
@@ -394,7 +345,7 @@ def _outside_layers(planner: _Planner, piece: _Slice, roles: tuple[str, ...] | N
     return out
 
 
-def _partial(planner: _Planner, piece: _Slice, name: str, held: list, lacking: list) -> OutputTensor | None:
+def _partial(planner: _Planner, piece: Slice, name: str, held: list, lacking: list) -> OutputTensor | None:
     """A tensor outside the layers that only some sources hold, as ``method.partial_tensors`` says."""
     method = planner.method
     have = ", ".join(f"'{s.model}'" for s, _ in held)
@@ -421,7 +372,7 @@ def _partial(planner: _Planner, piece: _Slice, name: str, held: list, lacking: l
     if len(others) < method.min_inputs:
         raise MixcliError(f"{where}; method '{method.name}' needs {method.min_inputs} models besides the "
                           "base to merge it")
-    subset = _Slice([s for s, _ in held], piece.length, base if base_member else None, piece.params, piece.where)
+    subset = Slice([s for s, _ in held], piece.length, base if base_member else None, piece.params, piece.where)
     return planner.group(subset, name, [n for _, n in held], 0.0)
 
 
