@@ -53,9 +53,16 @@ class _Models:
         self.by_reference: dict[str, str] = {}
 
     def name(self, reference: Any, key: str) -> str:
-        if isinstance(reference, dict):
-            raise MixcliError(f"{self.where}: {key}: a model given as a table (model/lora/override_architecture) "
-                              "cannot be translated; give the model as a path or Hub id")
+        if isinstance(reference, dict):  # {model: {path, revision}, lora: ..., override_architecture: ...}
+            for extra, advice in (("lora", "merge the adapter into the model first"),
+                                  ("override_architecture", "remove it")):
+                if reference.get(extra) is not None:
+                    raise MixcliError(f"{self.where}: {key}.{extra}: no mixcli equivalent; {advice}")
+            inner = reference.get("model")
+            if not isinstance(inner, dict) or not isinstance(inner.get("path"), str):
+                raise MixcliError(f"{self.where}: {key} must be a path, a Hub id or {{model: {{path, revision}}}}")
+            revision = inner.get("revision")
+            reference = inner["path"] + (f"@{revision}" if revision else "")
         if not isinstance(reference, str) or not reference:
             raise MixcliError(f"{self.where}: {key} must be a model path or Hub id, got {reference!r}")
         if reference in self.by_reference:

@@ -21,7 +21,8 @@ def run(*args, code=0):
 
 
 # mergekit's examples (examples/linear.yml, gradient-slerp.yml, ties.yml, orcamini-platy-44layer.yml,
-# the README's dare_ties and task arithmetic), with 4-layer models: layer ranges and gradients shortened
+# the README's dare_ties, task arithmetic, sce and nuslerp), with 4-layer models: layer ranges and
+# gradients shortened
 EXAMPLES = {
     "linear": ("""
 models:
@@ -196,6 +197,48 @@ dtype = "float32"
 [output]
 dtype = "bfloat16"
 """),
+    # methods the registry gained later translate the same way (looked up, not listed)
+    "sce": ("""
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+merge_method: sce
+base_model: {base}
+parameters:
+  select_topk: 0.6
+dtype: bfloat16
+""", """
+[models]
+ft1 = "{ft1}"
+ft2 = "{ft2}"
+ft3 = "{ft3}"
+base = "{base}"
+[method]
+name = "sce"
+base = "base"
+select_topk = 0.6
+dtype = "bfloat16"
+"""),
+    "nuslerp": ("""
+models:
+  - model: {ft1}
+    parameters:
+      weight: 0.7
+  - model: {ft2}
+    parameters:
+      weight: 0.3
+merge_method: nuslerp
+parameters:
+  nuslerp_row_wise: true
+""", """
+[models]
+ft1 = {{ path = "{ft1}", weight = 0.7 }}
+ft2 = {{ path = "{ft2}", weight = 0.3 }}
+[method]
+name = "nuslerp"
+nuslerp_row_wise = true
+"""),
 }
 
 
@@ -247,12 +290,15 @@ def test_translation_shape(tmp_path, llama_family, monkeypatch):
         "output": {"path": "merged/ties"}}
     # a Hub id stays a Hub id, with its revision; relative local folders are found from the working directory
     config.write_text("models:\n  - model: org/some-model@v2\n    parameters: {weight: 1.0}\n"
-                      "  - model: ./rel\n    parameters: {weight: 1.0}\nmerge_method: linear\n")
+                      "  - model: ./rel\n    parameters: {weight: 1.0}\n"
+                      "  - model: {model: {path: org/other, revision: main}}\n    parameters: {weight: 1.0}\n"
+                      "merge_method: linear\n")
     (tmp_path / "rel").mkdir()
     run("import-mergekit", config, "--force")
     data = tomli.loads((tmp_path / "project.toml").read_text())
     assert data["models"] == {"some-model": {"path": "org/some-model", "revision": "v2", "weight": 1.0},
-                              "rel": {"path": str(tmp_path / "rel"), "weight": 1.0}}
+                              "rel": {"path": str(tmp_path / "rel"), "weight": 1.0},
+                              "other": {"path": "org/other", "revision": "main", "weight": 1.0}}
 
 
 def test_tokenizer_source_becomes_the_tokenizer_table(tmp_path, llama_family, monkeypatch):
@@ -278,6 +324,8 @@ def test_tokenizer_source_becomes_the_tokenizer_table(tmp_path, llama_family, mo
     ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n"
      "    residual_weight: 0.5\n",
      "slices[0].residual_weight: no mixcli equivalent; remove it or translate it by hand"),
+    ("merge_method: linear\nmodels:\n  - model: {model: {path: a}, lora: {path: l}}\n",
+     "models[0].model.lora: no mixcli equivalent; merge the adapter into the model first"),
     ("merge_method: linear\nmodels:\n  - model: a+loras/a\n    parameters: {weight: 1}\n",
      "models[0].model: 'a+loras/a' applies a LoRA adapter to a model (model+lora), which cannot be "
      "translated; merge the adapter into the model first"),
