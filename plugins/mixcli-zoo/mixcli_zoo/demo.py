@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 ZOO_PREFIX = "../../zoo/"
-# What each size runs: the projects (None: every one in examples/demo) and, for quick, shorter
-# [tune] and [adapt] runs; every other setting is the project's own. The quick zoo's language
+# What each size runs: the projects (None: every one in examples/demo) and, for quick and tiny,
+# shorter [tune] and [adapt] runs; every other setting is the project's own. The quick zoo's language
 # task arithmetic and TIES fall below its base at the full zoo's λ, so quick shows its average
 # and its MoE only.
 RUNS = {
@@ -25,7 +25,7 @@ RUNS = {
                            "language-average", "language-moe"),
               "steps": {"tune": ("steps", 200), "adapt": ("max_steps", 150)}},
     "full": {"projects": None, "steps": {}},
-    "tiny": {"projects": None, "steps": {}},
+    "tiny": {"projects": None, "steps": {"tune": ("steps", 300), "adapt": ("max_steps", 100)}},
 }
 
 
