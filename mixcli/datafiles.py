@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import MixcliError
+from .errors import MixcliError, first_line
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
            ".arrow": "arrow", ".safetensors": "safetensors"}
@@ -22,6 +22,8 @@ def load_rows(path: Path, where: str, max_samples: int = 0, what: str = "data fi
     path = Path(path)
     if not path.exists():
         raise MixcliError(f"{where}: {what} {path} does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise MixcliError(f"{where}: {what} {path} is empty")
     datasets.disable_progress_bars()
     try:
         if path.is_dir():
@@ -43,7 +45,9 @@ def load_rows(path: Path, where: str, max_samples: int = 0, what: str = "data fi
     except MixcliError:
         raise
     except Exception as error:
-        raise MixcliError(f"{where}: cannot read {path} ({str(error).splitlines()[0]})") from None
+        raise MixcliError(f"{where}: cannot read {path} ({first_line(error)})") from None
+    if len(data) == 0:
+        raise MixcliError(f"{where}: {what} {path} has no rows")
     if max_samples and len(data) > max_samples:
         data = data.select(range(max_samples))
     return data

@@ -12,6 +12,7 @@ import shutil
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -25,6 +26,7 @@ __all__ = ["check_target", "write_plan", "default_workers", "require_device"]
 
 DONOR_FILES = ("generation_config.json",)
 SPACE_MARGIN = 16 * 2**20
+_threads_before_write: int | None = None  # torch's thread count before write_plan set one per worker
 
 
 def require_device(device: str, where: str) -> None:
@@ -138,7 +140,8 @@ def _write(plans: dict[str, OutputPlan], target: Path, signals: SignalGuard, sha
         warmer = _Warmer(writers[0])
         import torch
 
-        threads = torch.get_num_threads()
+        global _threads_before_write
+        threads = _threads_before_write = torch.get_num_threads()
         # one tensor per core: elementwise merges scale better across tensors than inside one
         torch.set_num_threads(1 if workers > 1 else threads)
         # what is alive now (the libraries, the plan) lives to the end: spare the collector
@@ -171,6 +174,22 @@ def _write(plans: dict[str, OutputPlan], target: Path, signals: SignalGuard, sha
             import torch
 
             torch.set_num_threads(threads)
+            _threads_before_write = None
+
+
+@contextmanager
+def all_cores():
+    """Inside a plan's ``compute`` or ``finalize``: torch uses every core again (the thread
+    count from before the write) for work that spans the whole model, such as training
+    routers or forward passes, instead of the one thread per worker of elementwise merges."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(_threads_before_write or saved)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 WARM_AHEAD = 2 * 2**30  # bytes of output page cache prepared ahead, at most

@@ -63,3 +63,9 @@ class Warnings(list):
             raise _strict_error(message)
         if message not in self:  # the same oddity found twice is shown once
             self.append(message)  # list.append is atomic: merge threads may add at once
+
+
+def first_line(error: BaseException) -> str:
+    """A library exception shortened for a one-line message: its first line, or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

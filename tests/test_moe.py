@@ -495,3 +495,50 @@ def test_tuned_model_has_a_card_and_eval_of_the_project_follows_the_tuned_output
     assert result.exit_code == 1
     assert result.output.strip() == (f"Error: {untuned}: the output {folder / 'not-yet'} does not exist yet; "
                                      f"run `mixcli tune {untuned}` first")
+
+
+def drop_tensor(source: Path, folder: Path, name: str) -> Path:
+    """A copy of the model in ``source`` whose weights lack ``name``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if tensors.pop(name, None) is not None:
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    return folder
+
+
+def tune_fails(args, message):
+    result = CliRunner().invoke(cli, ["tune", *map(str, args)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == f"Error: {message}", result.output
+
+
+def test_tune_mistakes_give_one_line_errors(tuned, tmp_path, llama_family):
+    folder, project = tuned
+    text = project.read_text()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = write_project(tmp_path, text.replace(str(folder / "train.jsonl"), str(empty)).replace(
+        'path = "out"', f'path = "{folder / "out"}"'))
+    tune_fails([bad, "--out", tmp_path / "t1"], f"[tune] data: data file {empty} is empty")
+    tune_fails([project, "--model", llama_family["base"], "--out", tmp_path / "t2"],
+               f"mixcli tune: {llama_family['base']} holds a llama without experts (no num_local_experts / "
+               "num_experts_per_tok in config.json); tune takes MoE outputs of moe_merge or moe_upcycle")
+    router = "model.layers.1.mlp.gate.weight"
+    partial = drop_tensor(folder / "out", tmp_path / "partial", router)
+    tune_fails([project, "--model", partial, "--out", tmp_path / "t3"],
+               f"mixcli tune: the model in {partial} has no stored weight for '{router}' (transformers would "
+               "initialise it randomly); re-save the complete model with save_pretrained")
+    assert not any((tmp_path / f"t{i}").exists() for i in (1, 2, 3))
+
+
+def test_a_base_missing_a_weight_is_refused_at_plan_time(tmp_path, llama_family):
+    norm = "model.layers.2.post_attention_layernorm.weight"
+    base = drop_tensor(llama_family["base"], tmp_path / "base", norm)
+    project = merge_project(tmp_path, {**llama_family, "base": base}, experts=("ft1", "ft2"), hidden_dtype="float32")
+    fails(project, f"project.toml: [method]: model 'base' has no tensor '{norm}', which its config.json needs; "
+                   "re-save the complete model with save_pretrained")

@@ -367,3 +367,123 @@ def test_bad_inputs(family, tmp_path):
     fails(["merge", path], "gpt.toml: [method]: no mlp blocks found in the base model ('gpt2'); we_moe needs "
                            "recognisable Linear blocks (fc1/fc2, gate/up/down_proj, intermediate/output.dense, ...)")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+class _Counted:
+    def __init__(self, compute, name, calls):
+        self.compute, self.name, self.calls = compute, name, calls
+
+    def __call__(self):
+        self.calls[self.name] += 1
+        return self.compute()
+
+
+def stored(folder):
+    """{name: (dtype code, shard file)} from the headers, and the shard files' data sizes."""
+    from mixcli.safetensors_io import SafetensorsFile
+
+    tensors, sizes = {}, {}
+    for shard in sorted(Path(folder).glob("model*.safetensors")):
+        file = SafetensorsFile(shard)
+        sizes[shard.name] = sum(info.nbytes for info in file.tensors.values())
+        tensors.update({name: (info.dtype, shard.name) for name, info in file.tensors.items()})
+    return tensors, sizes
+
+
+def test_adapt_computes_each_tensor_once_and_writes_the_projects_shards_and_dtype(family, tmp_path,
+                                                                                 monkeypatch):
+    from collections import Counter
+
+    from mixcli import core
+
+    calls = Counter()
+    prepare = core.prepare
+
+    def counting(path):
+        prepared = prepare(path)
+        for tensor in prepared.plan.tensors:
+            tensor.compute = _Counted(tensor.compute, tensor.name, calls)
+        return prepared
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        settings = "max_steps = 3\nbatch_size = 4\nlr = 1e-2"
+        output = '\ndtype = "bfloat16"\nshard_size = 8000\n'
+        plain = project(tmp_path, family, out="plain", name="plain.toml")
+        plain.write_text(plain.read_text() + output)
+        run("merge", plain)
+        merged = project(tmp_path, family, adapt=settings, out="merged", name="merged.toml")
+        merged.write_text(merged.read_text() + output)
+        run("merge", merged)
+        monkeypatch.setattr(core, "prepare", counting)
+        adapted = project(tmp_path, family, adapt=settings, out="adapted", name="adapted.toml")
+        adapted.write_text(adapted.read_text() + output)
+        run("adapt", adapted)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls and set(calls.values()) == {1}, [n for n, c in calls.items() if c != 1]  # each computed once
+    initial = tiny_load(tmp_path / "plain")
+    for out in ("merged", "adapted"):
+        folder = tmp_path / out
+        config = json.loads((folder / "config.json").read_text())
+        tensors, sizes = stored(folder)
+        assert config["dtype"] == "bfloat16" and {code for code, _ in tensors.values()} == {"BF16"}
+        index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        assert len(sizes) > 2 and max(sizes.values()) <= 8000
+        assert index == {name: shard for name, (_, shard) in tensors.items()}
+        state = tiny_load(folder)
+        changed = {k for k in state if not torch.equal(state[k], initial[k])}
+        assert changed and all(k.startswith("routers.") for k in changed)  # adapted, routers only
+        record = config["mixcli"]["adapt"]
+        assert record["threads"] == 2  # trained on every core, also inside the merge's writer
+        assert all(len(entry["sha256"]["model.safetensors"]) == 64 for entry in config["mixcli"]["inputs"].values())
+        model = auto(folder)
+        assert all(torch.equal(v.to(torch.bfloat16), state[k]) for k, v in model.state_dict().items())
+    merged, adapted = tiny_load(tmp_path / "merged"), tiny_load(tmp_path / "adapted")
+    assert all(torch.allclose(merged[k].float(), adapted[k].float(), atol=1e-2) for k in merged)
+
+
+def tiny_load(folder):
+    out = {}
+    for shard in sorted(Path(folder).glob("model*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def test_rank_one_factors_computed_once_when_two_threads_ask_together():
+    import threading
+    import time
+    from collections import Counter
+
+    from mixcli_wemoe.rank_one_moe import SVDCache, _experts
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {"base": torch.randn(6, 5, generator=gen)}
+    weights.update({m: weights["base"] + torch.randn(6, 5, generator=gen) for m in ("a", "b")})
+    reads = Counter()
+
+    def read(model, key):
+        reads[model] += 1
+        time.sleep(0.05)  # both threads are inside before any factors exist
+        return weights[model]
+
+    cache = SVDCache()
+    made = _experts("cpu", cache)("blk", "weight", "blk.weight", (6, 5), read, ["a", "b"], "base",
+                                  {"rank_k": 5, "init_lambda": 0.3})
+    start, results = threading.Barrier(2), {}
+
+    def take(part):
+        start.wait()
+        results[part] = made[part][1]()
+
+    workers = [threading.Thread(target=take, args=(part,)) for part in ("expert_u", "expert_v")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert dict(reads) == {"base": 1, "a": 1, "b": 1} and cache.entries == {}
+    for i, m in enumerate("ab"):  # full rank: the components sum to each task vector
+        rows = slice(5 * i, 5 * i + 5)
+        assert torch.allclose(results["expert_u"][rows].T @ results["expert_v"][rows], weights[m] - weights["base"],
+                              atol=1e-5)

@@ -138,3 +138,32 @@ def test_nothing_is_warmed_where_blocks_cannot_be_allocated(tmp_path, monkeypatc
     writer.warm(2**30, threading.Event())
     assert reads == [] and not writer.mapped("w")
     writer.close()
+
+
+def test_all_cores_restores_the_thread_count_from_before_the_write(tmp_path):
+    from mixcli.engine import all_cores, write_plan
+    from mixcli.plan import OutputPlan, OutputTensor
+
+    seen = {}
+
+    def compute():
+        seen["compute"] = torch.get_num_threads()
+        with all_cores():
+            seen["compute, all cores"] = torch.get_num_threads()
+        return torch.ones(4)
+
+    def finalize(folder):
+        with all_cores():
+            seen["finalize, all cores"] = torch.get_num_threads()
+        seen["finalize"] = torch.get_num_threads()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        plan = OutputPlan(config={}, tensors=[OutputTensor("x", (4,), "F32", compute)], finalize=finalize)
+        write_plan(plan, tmp_path / "out", workers=2, progress=False)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"compute": 1, "compute, all cores": 3, "finalize, all cores": 3, "finalize": 1} and after == 3
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["x"], torch.ones(4))

@@ -1,7 +1,7 @@
 """The output plan shared by moe_upcycle and moe_merge.
 
-Everything is checked from configs and headers first; then routers are computed (prompt
-modes run the base model here, in build()); then each output tensor becomes an
+Everything is checked from configs and headers first; random routers are drawn here, prompt
+modes' routers are computed when the engine writes the first of them; each output tensor becomes an
 :class:`~mixcli.plan.OutputTensor` whose ``compute`` reads its few source tensors on demand,
 so the engine streams the model a tensor at a time.
 """
@@ -9,6 +9,7 @@ so the engine streams the model a tensor at a time.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 
 from mixcli import MixcliError
@@ -102,9 +103,10 @@ def check_recipe(context, recipe: Recipe, where: str) -> None:
                           f"mixcli_mixllama architecture uses the installed transformers' layout '{native}'")
 
 
-def routers_for(context, recipe: Recipe, shape: tuple[int, int, int], o_proj_width: int, where: str) -> dict:
-    """A float32 router set per router group: ``[L, E, H]`` for mlp and q/k/v, ``[L, E, A]``
-    (A = o_proj's input width) for o_proj."""
+def routers_for(context, recipe: Recipe, shape: tuple[int, int, int], o_proj_width: int, where: str):
+    """The routers, float32, by router group (``get(group)``): ``[L, E, H]`` for mlp and q/k/v,
+    ``[L, E, A]`` (A = o_proj's input width) for o_proj; computed later for the prompt-based
+    modes, which read the base's weights."""
     groups = [m for m in ("mlp", "q_proj", "k_proj", "v_proj") if m in recipe.modules]
     o_proj = "o_proj" in recipe.modules
     mode = "hidden" if recipe.gate_mode == "hidden_last" else recipe.gate_mode
@@ -114,21 +116,65 @@ def routers_for(context, recipe: Recipe, shape: tuple[int, int, int], o_proj_wid
         if o_proj:
             routers["o_proj"] = router_init.random_draws(mode, 1, shape[0], shape[1], o_proj_width,
                                                          derive_seed(context.seed, "o_proj-router"))[0]
+        return _Drawn(routers)
+    return _PromptRouters(mode, context.models[recipe.base], recipe, shape[0], groups, o_proj, where)
+
+
+class _PromptRouters:
+    """Routers of a prompt-based mode, computed when the engine writes the first of them, once
+    for all (under a lock: the engine computes tensors in several threads) and on every core;
+    so validate and --dry-run read no weight. The tokenizer, which is not weights, is loaded
+    at plan time, so that a missing one is reported before anything is written."""
+
+    def __init__(self, mode, base, recipe: Recipe, layers: int, groups: list, o_proj: bool, where: str):
+        self.mode, self.base, self.recipe, self.layers = mode, base, recipe, layers
+        self.groups, self.o_proj, self.where = groups, o_proj, where
+        self.tokenizer = router_init.load_tokenizer(base, where)
+        self.routers = None
+        self.lock = threading.Lock()
+
+    def __contains__(self, group: str) -> bool:
+        return group in self.groups or (group == "o_proj" and self.o_proj)
+
+    def get(self, group: str):
+        with self.lock:
+            if self.routers is None:
+                self.routers = self._compute()
+            return self.routers[group]
+
+    def _compute(self) -> dict:
+        from mixcli.engine import all_cores
+
+        recipe = self.recipe
+        places = (("residual",) if self.groups else ()) + (("o_proj",) if self.o_proj else ())
+        with all_cores():
+            found = router_init.compute(self.mode, self.base, self.tokenizer, recipe.positive, recipe.negative,
+                                        self.layers, recipe.hidden_dtype, places, self.where)
+        for place, routers in found.items():
+            bad = router_init.degenerate_layers(routers)
+            if bad:
+                label = "o_proj " if place == "o_proj" else ""
+                warn(f"{self.where}: {label}router rows of layers {bad} are nearly parallel (condition number > "
+                     "5): prompts too similar; experts will be under-used")
+        # the residual-stream vectors serve every group but o_proj
+        routers = {group: found["residual"] for group in self.groups}
+        if self.o_proj:
+            routers["o_proj"] = found["o_proj"]
         return routers
-    places = (("residual",) if groups else ()) + (("o_proj",) if o_proj else ())
-    found = router_init.compute(mode, context.models[recipe.base], recipe.positive, recipe.negative,
-                                shape[0], recipe.hidden_dtype, places)
-    for place, routers in found.items():
-        bad = router_init.degenerate_layers(routers)
-        if bad:
-            label = "o_proj " if place == "o_proj" else ""
-            warn(f"{where}: {label}router rows of layers {bad} are nearly parallel (condition number > 5): "
-                 "prompts too similar; experts will be under-used")
-    # the residual-stream vectors serve every group but o_proj
-    routers = {group: found["residual"] for group in groups}
-    if o_proj:
-        routers["o_proj"] = found["o_proj"]
-    return routers
+
+
+class _Drawn:
+    """Routers drawn at plan time (random modes: no weight read), with the interface of
+    :class:`_PromptRouters`."""
+
+    def __init__(self, routers: dict):
+        self.routers = routers
+
+    def __contains__(self, group: str) -> bool:
+        return group in self.routers
+
+    def get(self, group: str):
+        return self.routers[group]
 
 
 class _Piece:
@@ -182,13 +228,13 @@ class _Fused:
 
 
 class _Router:
-    def __init__(self, values, code):
-        self.values, self.code = values, code
+    def __init__(self, routers, group: str, layer: int, code: str):
+        self.routers, self.group, self.layer, self.code = routers, group, layer, code
 
     def __call__(self):
         from mixcli.safetensors_io import torch_dtype
 
-        return self.values.to(torch_dtype(self.code)).contiguous()
+        return self.routers.get(self.group)[self.layer].to(torch_dtype(self.code)).contiguous()
 
 
 def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
@@ -216,9 +262,10 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
 
     o_proj_width = base.tensors[Names.attention(0, "o_proj")].shape[1]
     routers = routers_for(context, recipe, (layers_count, count, hidden), o_proj_width, where)
+    mlp_routers = routers
     if "mlp" not in routers:  # a stock Mixtral block still needs a router; custom dense MLPs do not
-        routers["mlp"] = router_init.random_draws("uniform_random", 1, layers_count, count, hidden,
-                                                  derive_seed(context.seed, "mlp-router"))[0]
+        mlp_routers = _Drawn({"mlp": router_init.random_draws("uniform_random", 1, layers_count, count, hidden,
+                                                              derive_seed(context.seed, "mlp-router"))[0]})
     tensors: list[OutputTensor] = []
 
     def piece(slot: int, name: str, layer: int, part: str, noisy: bool = True) -> _Piece:
@@ -285,7 +332,7 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
                     tensors.append(OutputTensor(names.expert(layer, slot, part), shape, code, _Expert(source, code),
                                                 [(source.ckpt, source.name)], details))
         tensors.append(OutputTensor(names.router(layer), (count, hidden), code,
-                                    _Router(routers["mlp"][layer], code), [],
+                                    _Router(mlp_routers, "mlp", layer, code), [],
                                     {"kind": "router", "gate_mode": recipe.gate_mode}))
     for proj in ATTENTION:
         if proj not in recipe.modules:
@@ -293,14 +340,14 @@ def build_plan(context, recipe: Recipe, method: str) -> OutputPlan:
         for layer in sorted(mixed):
             width = o_proj_width if proj == "o_proj" else hidden
             tensors.append(OutputTensor(names.attention_router(layer, proj), (count, width), code,
-                                        _Router(routers[proj][layer], code), [],
+                                        _Router(routers, proj, layer, code), [],
                                         {"kind": "router", "gate_mode": recipe.gate_mode}))
 
     config = output_config(cfg, experts=count, k=k, dtype=output_dtype_name(code), modules=recipe.modules,
                            layers=recipe.layers, aux_loss_coef=recipe.aux_loss_coef)
     if head is not None and any(t.name == head for t in tensors):
         config["tie_word_embeddings"] = False  # a written head must not be replaced by the embedding
-    check_names(config, {t.name for t in tensors}, layout)
+    check_names(config, {t.name for t in tensors}, layout, where, recipe.base)
     counts = parameter_counts(tensors, names, count, k)
     info = {"method": method, "experts": recipe.experts, "base": recipe.base, "gate_mode": recipe.gate_mode,
             "modules": list(recipe.modules), "layers": sorted(mixed), "layout": layout, "stem": recipe.stem,

@@ -16,6 +16,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FLAGS = {"mlp": "moe_mlp", "q_proj": "moe_query", "k_proj": "moe_key", "v_proj": "moe_value",
          "o_proj": "moe_output"}
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+MOE_PARTS = (".experts.", ".router.", ".gate.weight")  # in names of the tensors this plugin makes
 V4_PARTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 INPUT_TYPES = ("llama", "mistral")
 # Llama/Mistral fields a Mixtral has no use for (their value is checked before they are dropped)
@@ -114,8 +115,11 @@ def to_v5(name: str) -> str:
     return f"{head}.experts.{'down_proj' if part == 'w2' else 'gate_up_proj'}"
 
 
-def check_names(config: dict, written: set[str], layout: str) -> None:
-    """The written names equal what the target class expects (built on the meta device)."""
+def check_names(config: dict, written: set[str], layout: str, where: str = "", base: str = "") -> None:
+    """The written names equal what the target class expects (built on the meta device). A
+    name outside the experts and routers comes from the base, so a difference there is the
+    base's: a tensor its architecture needs is not in its files, or one is there that no
+    Llama/Mistral has."""
     import torch
     import transformers
 
@@ -134,6 +138,13 @@ def check_names(config: dict, written: set[str], layout: str) -> None:
         expected.discard("lm_head.weight")
     got = {to_v5(name) for name in written}
     missing, unexpected = sorted(expected - got), sorted(got - expected)
+    from_base = [name for name in missing + unexpected if not any(part in name for part in MOE_PARTS)]
+    if from_base:
+        name = from_base[0]
+        raise MixcliError(f"{where}: model '{base}' has no tensor '{name}', which its config.json needs; re-save "
+                          "the complete model with save_pretrained" if name in missing else
+                          f"{where}: model '{base}' has a tensor '{name}' that its architecture does not use "
+                          "(a Mixtral would have no place for it); remove it or re-save the model")
     if missing or unexpected:  # a bug in this plugin, not a user mistake
         raise RuntimeError(f"mixcli-moe: output names disagree with {model_class.__name__}: missing "
                            f"{missing[:3]}, unexpected {unexpected[:3]}")

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from mixcli import MixcliError
 from mixcli.datafiles import load_rows
+from mixcli.errors import first_line
+from mixcli.loading import from_pretrained
 
 from ._balance import RouterCapture, balance_loss, is_router, load_fractions
 from .tune import world
@@ -124,6 +126,29 @@ def _local_aux(layers, mask, k):
     return rows.shape[-1] * torch.sum(counts / rows.shape[0] * probs.mean(0))
 
 
+def check_moe(source: Path) -> int:
+    """Experts per token of the MoE in ``source``, from its config; an error for a dense model."""
+    from mixcli.checkpoint import read_config
+
+    config = read_config(source, "mixcli tune")
+    k = config.get("num_experts_per_tok")
+    if not isinstance(k, int) or not isinstance(config.get("num_local_experts"), int):
+        raise MixcliError(f"mixcli tune: {source} holds a {config.get('model_type', 'model')} without experts "
+                          "(no num_local_experts / num_experts_per_tok in config.json); tune takes MoE outputs of "
+                          "moe_merge or moe_upcycle")
+    return k
+
+
+def load_tokenizer(source: Path):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # transformers raises OSError, ValueError, ... for a missing or bad tokenizer
+        raise MixcliError(f"mixcli tune: transformers cannot load the tokenizer in {source} ({first_line(error)}); "
+                          "tuning needs the tokenizer saved beside the model") from None
+
+
 def train(source: Path, target: Path, settings, project, *, force: bool, progress: bool):
     import torch.distributed as dist
     import transformers
@@ -142,12 +167,14 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
 
     quiet_libraries()  # transformers' "Loading weights" bar would sit above ours
     torch.manual_seed(settings.seed)
-    # the data is read before the model so that a bad data file fails before any weight is loaded
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    # the config and data are read before the model, so that a mistake fails before any weight is loaded
+    k = check_moe(source)
+    tokenizer = load_tokenizer(source)
     rows = load_texts(settings, project.file.parent, tokenizer.eos_token or "")
     sequences = tokenize(tokenizer, rows, settings)
-    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
-    k = model.config.num_experts_per_tok
+    if len(sequences) < 2:
+        raise MixcliError(f"[tune] data: {len(sequences)} rows of two tokens or more; router tuning needs at least 2")
+    model = from_pretrained(transformers.AutoModelForCausalLM, source, "mixcli tune", dtype=torch.float32).to(device)
     if k == 1 and rank == 0:
         from ._build import warn
 

@@ -15,8 +15,8 @@ Branch-Train-MiX arXiv 2403.07816).
     modules = ["mlp", "q_proj"]
     stem = "base"                     # or "average", or a merge method with stem_params
 
-Non-expert tensors come from the stem. Prompt-based gate modes run the base model in
-build() on every expert's prompts (a few at a time).
+Non-expert tensors come from the stem. Prompt-based gate modes run the base model on every
+expert's prompts (a few at a time) when the first router is written, not while planning.
 """
 
 from __future__ import annotations

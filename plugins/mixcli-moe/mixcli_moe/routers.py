@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 
+from mixcli import MixcliError
+from mixcli.errors import first_line
+
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 EPS = 1e-8
@@ -134,21 +137,36 @@ def cheap_embed_routers(embeddings, tokenizer, positive, negative, layers: int):
     return torch.stack(rows)[None].repeat(layers, 1, 1)
 
 
-def compute(mode: str, base_ckpt, positive, negative, layers: int, dtype: str,
-            places: tuple = ("residual",)) -> dict:
-    """``{place: routers}`` of a prompt-based mode (places as in :func:`prompt_states`): loads
-    the base's tokenizer (and, for the hidden modes, the base model in ``dtype``, freed
-    afterwards). ``cheap_embed`` has only the residual form."""
-    import torch
+def load_tokenizer(base_ckpt, where: str):
+    """The base's tokenizer (prompt-based modes), or a one-line error."""
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base_ckpt.path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(base_ckpt.path)
+    except Exception as error:  # transformers raises OSError, ValueError, ... for a missing or bad tokenizer
+        raise MixcliError(f"{where}: gate_mode needs the tokenizer of the base '{base_ckpt.name}', and "
+                          f"transformers cannot load it from {base_ckpt.path} ({first_line(error)}); save the "
+                          "tokenizer beside the model or use gate_mode = \"random\"") from None
+
+
+def compute(mode: str, base_ckpt, tokenizer, positive, negative, layers: int, dtype: str,
+            places: tuple = ("residual",), where: str = "") -> dict:
+    """``{place: routers}`` of a prompt-based mode (places as in :func:`prompt_states`): for
+    the hidden modes, loads the base model in ``dtype`` (freed afterwards). ``cheap_embed``
+    has only the residual form."""
+    import torch
+
     if mode == "cheap_embed":
         embeddings = base_ckpt.tensor("model.embed_tokens.weight")
         routers = cheap_embed_routers(embeddings, tokenizer, positive, negative, layers)
         base_ckpt.release("model.embed_tokens.weight")
         return {"residual": routers}
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_ckpt.path, dtype=getattr(torch, dtype)).eval()
+    import transformers
+
+    from mixcli.loading import from_pretrained
+
+    model = from_pretrained(transformers.AutoModelForCausalLM, base_ckpt.path, f"{where}: gate_mode '{mode}'",
+                            dtype=getattr(torch, dtype))
     try:
         return hidden_routers(model, tokenizer, positive, negative, mode == "hidden_avg", places)
     finally:

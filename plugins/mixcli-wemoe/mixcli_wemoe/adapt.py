@@ -310,17 +310,22 @@ def loss_plot(history: dict, path: Path, title: str = "router adaptation") -> No
 
 def run(model, folders: dict, opts: dict, seed: int, where: str, log=print, progress: bool = False) -> dict:
     """Adapt ``model`` in place (TTA, or PWE training); return the record saved in its config."""
+    import torch
+
     pwe = model.config.router_input == "preference"
     tasks = load_tasks(model, folders, opts, where, "train" if pwe and opts["split"] == "test" else None)
     if pwe:
         from .pareto import train_pwe
 
-        return train_pwe(model, tasks, opts, seed, where, log, progress)
+        record = train_pwe(model, tasks, opts, seed, where, log, progress)
+        record["threads"] = torch.get_num_threads()
+        return record
     from .diagnostics import accuracy
 
     before = {t.name: accuracy(model, t, opts["device"]) for t in tasks} if world()[0] == 0 else {}
     history = tta(model, tasks, opts, seed, log, progress)
     record = {"accuracy_before": before, "settings": opts, "seed": seed, "objective": "entropy",
+              "threads": torch.get_num_threads(),
               "data": {t.name: {"split": t.split, "path": t.data_path} for t in tasks}}
     if world()[0] == 0:
         record.update(report(model, tasks, opts, history, log))
@@ -328,28 +333,73 @@ def run(model, folders: dict, opts: dict, seed: int, where: str, log=print, prog
     return record
 
 
-def save(model, folder: Path, record: dict) -> None:
-    """Write the adapted model into ``folder`` (weights replaced, loss curve and log beside)."""
-    history = record.pop("history", None)
-    for old in list(folder.glob("*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
-        old.unlink()
-    from safetensors.torch import save_file
+def finish(folder: Path, record: dict) -> None:
+    """The adaptation's record into the ``config.json`` written in ``folder`` (``mixcli.adapt``),
+    its loss curve and per-step log beside it."""
+    from .construction import update_config
 
-    model.config.mixcli = {**model.config.mixcli, "adapt": json.loads(json.dumps(record, default=str))}
-    # the plan's in-memory names, whatever path built the model (save_pretrained would revert
-    # transformers' legacy renamings of the backbone on models not loaded by from_pretrained)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["architectures"] = ["WEMoEModel"]
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    record = dict(record)
+    history = record.pop("history", None)
+    record = json.loads(json.dumps(record, default=str))
+    update_config(folder, lambda config: config["mixcli"].__setitem__("adapt", record))
     if history:
         loss_plot(history, folder / "adapt_loss.png")
         (folder / "adapt_log.json").write_text(json.dumps(history) + "\n")
 
 
+def write_routers(model, folder: Path) -> None:
+    """Overwrite the routers (the only parameters adaptation changes) in the safetensors files
+    written in ``folder``, each in the place and dtype its file gives it: shards and dtypes
+    stay what the engine wrote."""
+    import torch
+
+    from mixcli.checkpoint import open_safetensors
+    from mixcli.safetensors_io import torch_dtype
+
+    stored = open_safetensors(Path(folder), "adapt")
+    for name, value in model.state_dict().items():
+        if not name.startswith("routers."):
+            continue
+        info = stored[name]
+        data = value.detach().cpu().to(torch_dtype(info.dtype)).contiguous()
+        with open(info.file.path, "r+b") as handle:
+            handle.seek(info.begin)
+            handle.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+class _Value:
+    def __init__(self, value, code):
+        self.value, self.code = value, code
+
+    def __call__(self):
+        from mixcli.safetensors_io import torch_dtype
+
+        return self.value.to(torch_dtype(self.code)).contiguous()
+
+
+def adapted_plan(plan, model, record: dict, folders: dict):
+    """``plan`` with every tensor taken from the adapted in-memory ``model`` (nothing computed
+    again), in the dtype the plan writes; the inputs' hashes (``folders``: model name -> path)
+    and the record are added when it is written."""
+    import dataclasses
+
+    from .construction import record_input_hashes
+
+    state = model.state_dict()
+    tensors = [dataclasses.replace(t, compute=_Value(state[t.name], t.dtype), reads=[], fill=None)
+               for t in plan.tensors]
+
+    def finalize(folder: Path) -> None:
+        record_input_hashes(folder, folders)
+        finish(folder, record)
+
+    return dataclasses.replace(plan, tensors=tensors, finalize=finalize)
+
+
 def attach(plan, context) -> None:
-    """With an ``[adapt]`` table, ``mixcli merge`` adapts the written model before it appears."""
+    """With an ``[adapt]`` table, ``mixcli merge`` adapts the written model before it appears:
+    the model is loaded back from the temporary folder, trained on every core, and its routers
+    are rewritten in place."""
     section = context.sections.get("adapt")
     if section is None:
         return
@@ -358,14 +408,24 @@ def attach(plan, context) -> None:
     folders = {name: ckpt.path for name, ckpt in context.models.items()}
     seed = context.seed if opts["seed"] is None else opts["seed"]
     check_tasks(context, opts, where)
+    previous = plan.finalize
 
     def finalize(folder: Path) -> None:
+        import torch
+
+        from mixcli.engine import all_cores
+        from mixcli.loading import from_pretrained
+
         from .modeling import WEMoEModel
 
-        model = WEMoEModel.from_pretrained(folder)
-        record = run(model, folders, opts, seed, where, log=lambda m: print(m, file=sys.stderr),
-                     progress=True)
-        save(model.cpu(), folder, record)
+        if previous is not None:
+            previous(folder)
+        model = from_pretrained(WEMoEModel, folder, where, dtype=torch.float32)
+        with all_cores():
+            record = run(model, folders, opts, seed, where, log=lambda m: print(m, file=sys.stderr),
+                         progress=True)
+        write_routers(model, folder)
+        finish(folder, record)
 
     plan.finalize = finalize
     plan.notes.append(f"routers adapted for {opts['max_steps']} steps ([adapt])")

@@ -67,13 +67,12 @@ def adapt_project(project: Path, out: Path | None = None, force: bool = False, d
                        progress=progress and rank == 0)
     written = None
     if rank == 0:
-        model.cpu()
-        plan.finalize = lambda folder: adapt.save(model, folder, record)
         recipe = core.recipe(proj)
         card = core.model_card(prepared, recipe, title=target.name, step=(
             "its routers were then trained by `mixcli adapt` with the recipe's [adapt] settings "
             "(adapt_log.json): `mixcli adapt mixcli.toml --out NEW` repeats it."))
-        written = engine.write_plan(plan, target, force=force, shard_size=proj.shard_size,
+        adapted = adapt.adapted_plan(plan, model.cpu(), record, folders)
+        written = engine.write_plan(adapted, target, force=force, shard_size=proj.shard_size,
                                     card=card, recipe=recipe,
                                     copy_tokenizer=proj.copy_tokenizer, progress=False,
                                     protected=protected_folders(proj, prepared.models), project_file=proj.file)

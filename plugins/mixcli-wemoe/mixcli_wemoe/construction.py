@@ -15,11 +15,13 @@ from typing import Callable
 
 from mixcli import MixcliError
 from mixcli.architecture import check_layer_count
+from mixcli.errors import first_line
 from mixcli.plan import OutputPlan, OutputTensor
 
 from . import __version__
 
 PLUGIN_FORMAT = "mixcli-wemoe/1"
+CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 @dataclass
@@ -48,7 +50,7 @@ def _meta_backbone(config: dict, where: str):
             return transformers.AutoModel.from_config(cfg)
     except Exception as error:
         raise MixcliError(f"{where}: transformers cannot build a model of type '{model_type}' "
-                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+                          f"({first_line(error)})") from None
 
 
 def _renamer(backbone):
@@ -153,7 +155,8 @@ def plan(context, spec: Spec) -> OutputPlan:
     routed = {path: block for block in blocks for path in block.linears}
     state = backbone.state_dict()
     first = base.tensors[maps[project.base][next(iter(state))]].dtype
-    out_code = first if first in ("F16", "BF16", "F64") else "F32"
+    chosen = project.out_dtype or project.dtype  # [output] dtype, else [method] dtype, else the base's
+    out_code = CODES[chosen] if chosen else first if first in ("F16", "BF16", "F64") else "F32"
 
     def read(model: str, key: str):
         return context.models[model].tensor(maps[model][key]).to(torch.float32)
@@ -201,8 +204,9 @@ def plan(context, spec: Spec) -> OutputPlan:
     config["mixcli"] = {
         "format": PLUGIN_FORMAT, "plugin_version": __version__, "method": spec.method, "seed": context.seed,
         "parameters": {k: v for k, v in p.items()},
+        # sha256 is filled in when the output is written (finalize): planning reads no weight
         "inputs": {name: {"path": str(ckpt.path), "role": "base" if name == project.base else "expert",
-                          "sha256": sha256_files(ckpt.path)} for name, ckpt in context.models.items()},
+                          "sha256": None} for name, ckpt in context.models.items()},
         "adapt": None}
     wconfig = WEMoEConfig(**config)
     with torch.device("meta"):
@@ -226,7 +230,29 @@ def plan(context, spec: Spec) -> OutputPlan:
     out["dtype"] = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(out_code, "float32")
     out.pop("torch_dtype", None)
     notes = [f"{len(blocks)} upscaled blocks, {len(experts)} experts, {len(skeleton.routers)} routers"]
-    return OutputPlan(config=out, tensors=tensors, donor=base, notes=notes)
+    folders = {name: ckpt.path for name, ckpt in context.models.items()}
+    return OutputPlan(config=out, tensors=tensors, donor=base, notes=notes,
+                      finalize=lambda folder: record_input_hashes(folder, folders))
+
+
+def update_config(folder: Path, change: Callable[[dict], None]) -> None:
+    """Apply ``change`` to the ``config.json`` the engine wrote into ``folder``."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def record_input_hashes(folder: Path, folders: dict) -> None:
+    """The sha256 of every input's safetensors files, into the written config."""
+    hashes = {name: sha256_files(path) for name, path in folders.items()}
+
+    def change(config):
+        for name, entry in config["mixcli"]["inputs"].items():
+            entry["sha256"] = hashes[name]
+    update_config(folder, change)
 
 
 def _dtype(code_or_dtype):
@@ -239,13 +265,20 @@ def _dtype(code_or_dtype):
 
 
 def model_from_plan(plan: OutputPlan, device: str = "cpu"):
-    """The planned model in memory (no files written): every tensor computed and loaded."""
+    """The planned model in memory (no files written), float32: every tensor computed once, in
+    the dtype the plan writes, and copied into the model's own parameter."""
     import torch
 
     from .modeling import WEMoEConfig, WEMoEModel
 
     config = WEMoEConfig.from_dict({k: v for k, v in plan.config.items() if k != "architectures"})
-    model = WEMoEModel(config)
-    state = {t.name: t.compute() for t in plan.tensors}
-    missing, unexpected = model.load_state_dict(state, strict=True)
+    model = WEMoEModel(config).float()
+    state = model.state_dict()  # shares the parameters' storage
+    if set(state) != {t.name for t in plan.tensors}:  # a bug, not a user mistake
+        raise RuntimeError(f"plan/model mismatch: {sorted(set(state) ^ {t.name for t in plan.tensors})[:5]}")
+    with torch.no_grad():
+        for tensor in plan.tensors:
+            state[tensor.name].copy_(tensor.compute())
+            for ckpt, name in tensor.reads:
+                ckpt.release(name)
     return model.to(device).eval()

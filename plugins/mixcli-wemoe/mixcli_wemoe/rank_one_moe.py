@@ -15,6 +15,7 @@ SVDs run in float32 on ``svd_device`` (cpu by default; cuda when available and a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from mixcli import MixcliError, Upscaler, param
@@ -31,10 +32,33 @@ class Params(WEMoEParams):
     svd_device: str = param("cpu", help="torch device for the SVDs (cpu or cuda)")
 
 
-def _experts(svd_device: str):
+class SVDCache:
+    """The factors of one weight, shared by its two output tensors (``expert_u``, ``expert_v``):
+    computed once by whichever the engine asks for first, even when its threads compute both
+    at the same time, and dropped after the second has taken them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries: dict = {}  # key -> [lock of this key, factors or None, takers left]
+
+    def take(self, key: str, compute):
+        with self.lock:
+            entry = self.entries.setdefault(key, [threading.Lock(), None, 2])
+        with entry[0]:
+            if entry[1] is None:
+                entry[1] = compute()
+            factors = entry[1]
+        with self.lock:
+            entry[2] -= 1
+            if entry[2] == 0:
+                del self.entries[key]
+        return factors
+
+
+def _experts(svd_device: str, cache: SVDCache | None = None):
     import torch
 
-    cache: dict = {}
+    cache = cache or SVDCache()
 
     def experts(path, attr, key, shape, read, names, base, p):
         k, lam = p["rank_k"], p["init_lambda"]
@@ -44,29 +68,25 @@ def _experts(svd_device: str):
                 return b0 + lam * sum(read(m, key) - b0 for m in names)
             return {"bias": (shape, static)}
 
-        def svd():
-            if key not in cache:
-                w0 = read(base, key)
-                us, vs = [], []
-                for m in names:
-                    delta = (read(m, key) - w0).to(svd_device)
-                    if not bool(delta.abs().max() > 0):
-                        raise MixcliError(f"rank_one_moe: model '{m}' does not change '{key}' (all-zero "
-                                          "task vector): expert not trained")
-                    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-                    r = min(k, s.numel())
-                    pad = k - r  # fewer components than rank_k: zero experts keep the pool size
-                    us.append(torch.nn.functional.pad((u[:, :r] * s[:r]).T, (0, 0, 0, pad)).cpu())
-                    vs.append(torch.nn.functional.pad(vh[:r], (0, 0, 0, pad)).cpu())
-                cache[key] = [torch.cat(us), torch.cat(vs), 2]
-            entry = cache[key]
-            entry[2] -= 1
-            if entry[2] == 0:
-                del cache[key]
-            return entry
+        def factors():
+            w0 = read(base, key)
+            us, vs = [], []
+            for m in names:
+                delta = (read(m, key) - w0).to(svd_device)
+                if not bool(delta.abs().max() > 0):
+                    raise MixcliError(f"rank_one_moe: model '{m}' does not change '{key}' (all-zero "
+                                      "task vector): expert not trained")
+                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+                r = min(k, s.numel())
+                pad = k - r  # fewer components than rank_k: zero experts keep the pool size
+                us.append(torch.nn.functional.pad((u[:, :r] * s[:r]).T, (0, 0, 0, pad)).cpu())
+                vs.append(torch.nn.functional.pad(vh[:r], (0, 0, 0, pad)).cpu())
+            return torch.cat(us), torch.cat(vs)
+
         count = len(names) * k
         return {"weight": (shape, lambda: read(base, key)),
-                "expert_u": ((count, shape[0]), lambda: svd()[0]), "expert_v": ((count, shape[1]), lambda: svd()[1])}
+                "expert_u": ((count, shape[0]), lambda: cache.take(key, factors)[0]),
+                "expert_v": ((count, shape[1]), lambda: cache.take(key, factors)[1])}
 
     return experts
 
