@@ -13,8 +13,9 @@ def from_pretrained(model_class, path, where: str, **kwargs):
     when transformers cannot load the folder or leaves a weight missing or re-initialised."""
     import transformers
 
-    verbosity = transformers.logging.get_verbosity()
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # its load report would repeat the error below
+    transformers.logging.disable_progress_bar()  # a bar per load, inside mixcli's own output
     try:
         model, info = model_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
                                                   **kwargs)
@@ -24,6 +25,8 @@ def from_pretrained(model_class, path, where: str, **kwargs):
         raise MixcliError(f"{where}: transformers cannot load the model in {path} ({first_line(error)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
     missing = sorted(set(info.get("missing_keys") or ()))
     mismatched = sorted(entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys") or ())
     for names, what in ((missing, "has no stored weight for {}"),

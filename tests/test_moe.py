@@ -525,6 +525,8 @@ def test_tune_mistakes_give_one_line_errors(tuned, tmp_path, llama_family):
     bad = write_project(tmp_path, text.replace(str(folder / "train.jsonl"), str(empty)).replace(
         'path = "out"', f'path = "{folder / "out"}"'))
     tune_fails([bad, "--out", tmp_path / "t1"], f"[tune] data: data file {empty} is empty")
+    gpu = write_project(tmp_path, text.replace("[tune]", '[tune]\ndevice = "gpu"'), "gpu.toml")
+    tune_fails([gpu, "--out", tmp_path / "t1"], "gpu.toml: [tune]: device must be 'auto', 'cpu', 'cuda', got 'gpu'")
     tune_fails([project, "--model", llama_family["base"], "--out", tmp_path / "t2"],
                f"mixcli tune: {llama_family['base']} holds a llama without experts (no num_local_experts / "
                "num_experts_per_tok in config.json); tune takes MoE outputs of moe_merge or moe_upcycle")

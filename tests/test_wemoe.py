@@ -487,3 +487,37 @@ def test_rank_one_factors_computed_once_when_two_threads_ask_together():
         rows = slice(5 * i, 5 * i + 5)
         assert torch.allclose(results["expert_u"][rows].T @ results["expert_v"][rows], weights[m] - weights["base"],
                               atol=1e-5)
+
+
+def test_adapt_data_mistakes_give_one_line_errors(family, tmp_path):
+    def task_copy(name, change):
+        folder = tmp_path / name
+        shutil.copytree(family / "t1", folder)
+        change(folder)
+        text = project(tmp_path, family, adapt="max_steps = 1", name=f"{name}.toml").read_text()
+        return write_project(tmp_path, text.replace(str(family / "t1"), str(folder)), f"{name}.toml"), folder
+
+    path, folder = task_copy("garbage", lambda f: (f / "data/test.safetensors").write_bytes(b"not safetensors"))
+    fails(["adapt", path], f"garbage.toml: [adapt]: task 't1': cannot read {folder / 'data/test.safetensors'} as "
+                           "safetensors (Error while deserializing header: header too large); re-save it with "
+                           "safetensors.torch.save_file")
+
+    def empty(f):
+        (f / "data/test.jsonl").write_text("")
+        (f / "task.json").write_text(json.dumps({"data": "data/test.jsonl"}))
+    path, folder = task_copy("empty", empty)
+    fails(["adapt", path], f"empty.toml: [adapt]: data file {folder / 'data/test.jsonl'} is empty")
+
+    def no_rows(f):
+        save_file({"pixel_values": torch.zeros(0, 1, 8, 8)}, str(f / "data/test.safetensors"))
+    path, folder = task_copy("none", no_rows)
+    fails(["adapt", path], f"none.toml: [adapt]: task 't1': {folder / 'data/test.safetensors'} holds no samples")
+
+    def wide_head(f):
+        save_file({"weight": torch.zeros(3, 24), "bias": torch.zeros(3)}, str(f / "head.safetensors"))
+    path, folder = task_copy("head", wide_head)
+    fails(["merge", path], f"head.toml: [adapt]: task 't1': the head in {folder / 'head.safetensors'} reads 24 "
+                           "features; the backbone gives 16 (hidden_size)")
+    fails(["adapt", project(tmp_path, family, name="device.toml"), "--device", "gpu"],
+          "device.toml: [adapt]: 'device' must be a torch device such as \"cpu\" or \"cuda\", got 'gpu'")
+    assert not (tmp_path / "out").exists()

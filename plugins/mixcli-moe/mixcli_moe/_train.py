@@ -156,6 +156,8 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
     from mixcli.plugins import register_architectures
 
     rank, size, local = world()
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise MixcliError("[tune] device is 'cuda', but torch sees no CUDA device here; use 'auto' or 'cpu'")
     cuda = torch.cuda.is_available() and settings.device in ("auto", "cuda")
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")

@@ -44,6 +44,7 @@ class TuneSettings:
 
 KEYS = tuple(f.name for f in fields(TuneSettings))
 POSITIVE = ("max_length", "steps", "batch_size")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def read_settings(project) -> TuneSettings:
@@ -70,6 +71,9 @@ def read_settings(project) -> TuneSettings:
     for key in POSITIVE:
         if getattr(settings, key) < 1:
             raise MixcliError(f"{where}: {key} must be >= 1")
+    if settings.device not in DEVICES:
+        raise MixcliError(f"{where}: device must be " + ", ".join(repr(d) for d in DEVICES)
+                          + f", got {settings.device!r}")
     if not 0 <= settings.eval_fraction < 1:
         raise MixcliError(f"{where}: eval_fraction must be in [0, 1)")
     settings.train_modules = list(settings.train_modules or [])

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from mixcli import MixcliError
+from mixcli.errors import first_line
 
 # key -> (default, type, help); the README lists the same
 KEYS = {
@@ -80,6 +81,22 @@ def settings(section: dict, where: str, pwe: bool = False) -> dict:
     elif full["objective"]:
         raise MixcliError(f"{where}: 'objective' applies to pwe_moe only")
     return full
+
+
+def check_device(name: str, where: str) -> None:
+    """A device torch knows and this machine has, or a one-line error."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise MixcliError(f"{where}: 'device' must be a torch device such as \"cpu\" or \"cuda\", got {name!r}") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch's "not compiled with" / "no device" errors
+        reason = first_line(error).split(". ")[0]
+        raise MixcliError(f"{where}: 'device' is {name!r}, which torch cannot use here ({reason}); "
+                          "use \"cpu\"") from None
 
 
 def load_tasks(model, folders: dict, opts: dict, where: str, split: str | None = None) -> list:
@@ -312,6 +329,7 @@ def run(model, folders: dict, opts: dict, seed: int, where: str, log=print, prog
     """Adapt ``model`` in place (TTA, or PWE training); return the record saved in its config."""
     import torch
 
+    check_device(opts["device"], where)
     pwe = model.config.router_input == "preference"
     tasks = load_tasks(model, folders, opts, where, "train" if pwe and opts["split"] == "test" else None)
     if pwe:

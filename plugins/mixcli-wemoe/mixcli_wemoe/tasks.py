@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mixcli import MixcliError
 from mixcli.datafiles import load_rows
+from mixcli.errors import first_line
 
 
 
@@ -44,8 +45,10 @@ def task_files(name: str, folder: Path, where: str) -> tuple[dict, Path]:
         raise MixcliError(f"{where}: task '{name}' has no task.json in {folder}; it names the task's data")
     try:
         info = json.loads((folder / "task.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MixcliError(f"{where}: cannot read {folder / 'task.json'} ({error})") from None
+    if not isinstance(info, dict):
+        raise MixcliError(f"{where}: {folder / 'task.json'} must be a JSON object such as {{\"data\": \"test.jsonl\"}}")
     return info, folder / "head.safetensors"
 
 
@@ -64,55 +67,102 @@ def data_path(name: str, info: dict, folder: Path, split: str, where: str) -> Pa
     return path
 
 
-def _columns(path: Path, where: str) -> dict:
+def _safetensors(path: Path, name: str, where: str) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except Exception as error:  # safetensors raises its SafetensorError (or OSError) on a bad file
+        raise MixcliError(f"{where}: task '{name}': cannot read {path} as safetensors ({first_line(error)}); "
+                          "re-save it with safetensors.torch.save_file") from None
+
+
+def _columns(path: Path, name: str, where: str) -> dict:
     import torch
 
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path)))
+        return _safetensors(path, name, where)
     data = load_rows(path, where)
     out = {}
-    for column in ("pixel_values", "input_ids", "attention_mask", "label", "labels"):
-        if column in data.column_names:
-            values = data[column]
-            if column == "input_ids":  # pad ragged token lists, with a mask
-                width = max(len(v) for v in values)
-                out["input_ids"] = torch.tensor([list(v) + [0] * (width - len(v)) for v in values])
-                out["attention_mask"] = torch.tensor([[1] * len(v) + [0] * (width - len(v)) for v in values])
-            elif column != "attention_mask" or "input_ids" not in out:
-                out[column] = torch.tensor(values)
+    try:
+        for column in ("pixel_values", "input_ids", "attention_mask", "label", "labels"):
+            if column in data.column_names:
+                values = data[column]
+                if column == "input_ids":  # pad ragged token lists, with a mask
+                    width = max(len(v) for v in values)
+                    out["input_ids"] = torch.tensor([list(v) + [0] * (width - len(v)) for v in values])
+                    out["attention_mask"] = torch.tensor([[1] * len(v) + [0] * (width - len(v)) for v in values])
+                elif column != "attention_mask" or "input_ids" not in out:
+                    out[column] = torch.tensor(values)
+    except (TypeError, ValueError, RuntimeError) as error:  # ragged or non-numeric values
+        raise MixcliError(f"{where}: task '{name}': {path} column '{column}' is not numeric and rectangular "
+                          f"({first_line(error)})") from None
     return out
+
+
+def _check(name: str, path: Path, head_path: Path, head: dict, inputs: dict, labels, config: dict,
+           where: str) -> None:
+    """What the model and head will need of the data, checked before any training step."""
+    where = f"{where}: task '{name}'"
+    weight, bias = head["weight"], head["bias"]
+    if weight.dim() != 2 or bias.shape != (weight.shape[0],):
+        raise MixcliError(f"{where}: {head_path} must hold 'weight' [labels, features] and 'bias' [labels], got "
+                          f"{list(weight.shape)} and {list(bias.shape)}")
+    hidden = config.get("hidden_size")
+    if isinstance(hidden, int) and weight.shape[1] != hidden:
+        raise MixcliError(f"{where}: the head in {head_path} reads {weight.shape[1]} features; the backbone gives "
+                          f"{hidden} (hidden_size)")
+    count = len(next(iter(inputs.values())))
+    if count == 0:
+        raise MixcliError(f"{where}: {path} holds no samples")
+    if "pixel_values" in inputs:
+        size, channels = config.get("image_size", 0), config.get("num_channels", 1)
+        shape = tuple(inputs["pixel_values"].shape[1:])
+        if isinstance(size, int) and size and isinstance(channels, int) and shape != (channels, size, size):
+            raise MixcliError(f"{where}: {path} has pixel_values of shape {list(shape)} per sample; the backbone "
+                              f"takes [{channels}, {size}, {size}]")
+    else:
+        vocab = config.get("vocab_size")
+        ids = inputs["input_ids"]
+        if isinstance(vocab, int) and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            raise MixcliError(f"{where}: {path} has input_ids outside the backbone's vocabulary 0..{vocab - 1}")
+    if labels is not None:
+        if len(labels) != count:
+            raise MixcliError(f"{where}: {path} has {len(labels)} labels for {count} samples")
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < weight.shape[0]:
+            raise MixcliError(f"{where}: {path} has labels outside 0..{weight.shape[0] - 1}, the classes of its "
+                              f"head {head_path}")
 
 
 def read_task(name: str, folder: Path, split: str, config: dict, where: str, max_samples: int = 0) -> Task:
     """The task of the expert ``name`` stored in ``folder``."""
     import torch
-    from safetensors.torch import load_file
 
     info, head_path = task_files(name, Path(folder), where)
     path = data_path(name, info, Path(folder), split, where)
-    columns = _columns(path, where)
-    head = load_file(str(head_path))
+    columns = _columns(path, name, where)
+    head = _safetensors(head_path, name, where)
     if "weight" not in head or "bias" not in head:
         raise MixcliError(f"{where}: task '{name}': {head_path} must hold 'weight' and 'bias'")
     labels = columns.get("label", columns.get("labels"))
     if "pixel_values" in columns:
         x = columns["pixel_values"].float()
         size, channels = config.get("image_size", 0), config.get("num_channels", 1)
-        if isinstance(size, int) and size and x[0].numel() == channels * size * size:
+        if isinstance(size, int) and size and x.dim() and len(x) and x[0].numel() == channels * size * size:
             x = x.reshape(len(x), channels, size, size)
         inputs = {"pixel_values": x}
     elif "input_ids" in columns:
-        inputs = {"input_ids": columns["input_ids"].long(), "attention_mask": columns["attention_mask"].long()}
+        ids = columns["input_ids"].long()
+        inputs = {"input_ids": ids, "attention_mask": columns.get("attention_mask", torch.ones_like(ids)).long()}
     else:
         raise MixcliError(f"{where}: task '{name}': {path} has neither 'pixel_values' nor 'input_ids'")
     if max_samples:
         inputs = {k: v[:max_samples] for k, v in inputs.items()}
         labels = None if labels is None else labels[:max_samples]
+    labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
+    _check(name, path, head_path, head, inputs, labels, config, where)
     return Task(name, str(info.get("task", name)), head["weight"].float(), head["bias"].float(), inputs,
-                None if labels is None else torch.as_tensor(labels).long(), split, str(path),
-                str(info.get("feature", "pooler_output")))
+                labels, split, str(path), str(info.get("feature", "pooler_output")))
 
 
 def features(output, feature: str = "pooler_output", mask=None):
