@@ -546,6 +546,32 @@ def dare_reference(delta, density, gen, rescale):
     return out * (delta.abs().sum() / out.abs().sum()) if rescale else out
 
 
+def test_dare_masks_are_seeded_by_seed_tensor_name_and_model_position(tmp_path, llama_family):
+    """As the README says: listing the models in another order draws other masks."""
+    from click.testing import CliRunner
+
+    import tiny_models
+    from mixcli.cli import cli
+    from mixcli.seeding import derive_seed, generator
+
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors = {m: tiny_models.load_tensors(llama_family[m])[name] for m in ("base", "ft1", "ft2")}
+    for order in (("ft1", "ft2"), ("ft2", "ft1")):
+        models = "\n".join(f'{m} = "{llama_family[m]}"' for m in ("base", *order))
+        (tmp_path / "p.toml").write_text(f'[models]\n{models}\n[method]\nname = "dare_linear"\nbase = "base"\n'
+                                         'weight = 1.0\ndensity = 0.5\nrescale = false\nseed = 7\n'
+                                         f'[output]\npath = "{"-".join(order)}"\n')
+        result = CliRunner().invoke(cli, ["merge", str(tmp_path / "p.toml")])
+        assert result.exit_code == 0, result.output
+        merged = tiny_models.load_tensors(tmp_path / "-".join(order))[name]
+        base = tensors["base"]
+        expected = base + sum(dare_reference(tensors[m] - base, 0.5, generator(derive_seed(7, name), i), False)
+                              for i, m in enumerate(order))
+        assert torch.allclose(merged, expected, atol=1e-6)
+    assert not torch.equal(tiny_models.load_tensors(tmp_path / "ft1-ft2")[name],
+                           tiny_models.load_tensors(tmp_path / "ft2-ft1")[name])
+
+
 @pytest.mark.parametrize("rescale", [False, True])
 def test_dare_streams_the_same_mask_as_a_whole_tensor_reference(rescale):
     # over several chunks: the lazy mask is regenerated, never stored, and must match
