@@ -521,3 +521,19 @@ def test_adapt_data_mistakes_give_one_line_errors(family, tmp_path):
     fails(["adapt", project(tmp_path, family, name="device.toml"), "--device", "gpu"],
           "device.toml: [adapt]: 'device' must be a torch device such as \"cpu\" or \"cuda\", got 'gpu'")
     assert not (tmp_path / "out").exists()
+
+
+def test_post_sparse_gate_prunes_the_adapted_routers_by_magnitude(family, tmp_path):
+    settings = "max_steps = 2\nbatch_size = 4\nlr = 1e-2"
+    for name, extra in (("dense", ""), ("pruned", "post_sparse_gate = true\ngate_prune_ratio = 0.5")):
+        run("adapt", project(tmp_path, family, "sparse_we_moe", extra=extra, adapt=settings, out=name,
+                             name=f"{name}.toml"))
+    dense, pruned = tiny_load(tmp_path / "dense"), tiny_load(tmp_path / "pruned")
+    routers = [k for k in dense if k.startswith("routers.")]
+    assert routers and all(torch.equal(dense[k], pruned[k]) for k in dense if k not in routers)
+    for key in routers:  # zero where |t| <= the interpolated 0.5 quantile of |t|, as torch.quantile has it
+        t = dense[key]
+        q = torch.quantile(t.abs().flatten().float(), 0.5)
+        assert torch.equal(pruned[key], t * (t.abs() > q)), key
+    record = json.loads((tmp_path / "pruned/config.json").read_text())["mixcli"]["adapt"]
+    assert record["post_sparse_gate"]["gate_prune_ratio"] == 0.5 and record["post_sparse_gate"]["zero_fraction"] >= 0.5

@@ -345,10 +345,32 @@ def run(model, folders: dict, opts: dict, seed: int, where: str, log=print, prog
     record = {"accuracy_before": before, "settings": opts, "seed": seed, "objective": "entropy",
               "threads": torch.get_num_threads(),
               "data": {t.name: {"split": t.split, "path": t.data_path} for t in tasks}}
+    pruned = prune_routers(model)
+    if pruned is not None:
+        record["post_sparse_gate"] = pruned
     if world()[0] == 0:
         record.update(report(model, tasks, opts, history, log))
     record["history"] = history
     return record
+
+
+def prune_routers(model) -> dict | None:
+    """sparse_we_moe's ``post_sparse_gate``: after adaptation, every router parameter tensor is
+    magnitude-pruned by ``gate_prune_ratio`` (a shared router once); the share of zeros."""
+    import torch
+
+    from .layers import prune_magnitude
+
+    params = (model.config.mixcli or {}).get("parameters", {})
+    if model.config.method != "sparse_we_moe" or not params.get("post_sparse_gate"):
+        return None
+    ratio = float(params.get("gate_prune_ratio", 0.0))
+    routers = model.router_parameters()
+    with torch.no_grad():
+        for p in routers:
+            p.copy_(prune_magnitude(p, ratio))
+    zeros = sum(int((p == 0).sum()) for p in routers) / max(1, sum(p.numel() for p in routers))
+    return {"gate_prune_ratio": ratio, "zero_fraction": zeros}
 
 
 def finish(folder: Path, record: dict) -> None:

@@ -46,6 +46,11 @@ def build(context):
     if p["position_encoding"] and p["position_encoding_dim"] % 2:
         raise MixcliError(f"{context.project.where}: [method] position_encoding_dim must be even, "
                           f"got {p['position_encoding_dim']}")
+    if p["post_sparse_gate"] and p["gate_prune_ratio"] == 0:
+        from mixcli.errors import warn
+
+        warn(f"{context.project.where}: [method] post_sparse_gate = true with gate_prune_ratio = 0 prunes "
+             "nothing; set gate_prune_ratio (the fraction of router parameters zeroed after adaptation)")
     ratio = p["tv_prune_ratio"]
     spec = Spec("sparse_we_moe", kinds=block_kinds(p), delta=lambda t: prune_magnitude(t, ratio),
                 config={"shared_gate": p["shared_gate"], "position_encoding": p["position_encoding"],
