@@ -34,6 +34,7 @@ def from_pretrained(model_class, path, where: str, **kwargs):
         if names:
             shown = ", ".join(f"'{name}'" for name in names[:3]) + (f" and {len(names) - 3} more"
                                                                    if len(names) > 3 else "")
+            them = "it" if len(names) == 1 else "them"
             raise MixcliError(f"{where}: the model in {path} {what.format(shown)} (transformers would initialise "
-                              "it randomly); re-save the complete model with save_pretrained")
+                              f"{them} randomly); re-save the complete model with save_pretrained")
     return model.eval()

@@ -544,3 +544,18 @@ def test_a_base_missing_a_weight_is_refused_at_plan_time(tmp_path, llama_family)
     project = merge_project(tmp_path, {**llama_family, "base": base}, experts=("ft1", "ft2"), hidden_dtype="float32")
     fails(project, f"project.toml: [method]: model 'base' has no tensor '{norm}', which its config.json needs; "
                    "re-save the complete model with save_pretrained")
+
+
+def test_router_initialisation_refuses_weights_the_config_does_not_fit(tmp_path, llama_family):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_family["base"], base)
+    config = json.loads((base / "config.json").read_text())
+    config["intermediate_size"] += 1  # every MLP weight is now mis-shaped for the config
+    (base / "config.json").write_text(json.dumps(config))
+    project = merge_project(tmp_path, {**llama_family, "base": base}, experts=("ft1", "ft2"), hidden_dtype="float32")
+    fails(project, f"project.toml: [method]: gate_mode 'hidden': the model in {base} stores "
+                   "'model.layers.0.mlp.down_proj.weight', 'model.layers.0.mlp.gate_proj.weight', "
+                   "'model.layers.0.mlp.up_proj.weight' and 9 more in a shape its config.json does not give "
+                   "(transformers would initialise them randomly); re-save the complete model with save_pretrained")
