@@ -219,6 +219,16 @@ layers = ["0:4"]
 [output]
 path = "out"
 """), message)
+    fails(write_project(tmp_path, f"""
+[models]
+b = "{llama_family['ft2']}"
+a = "{folder}"
+[method]
+name = "model_recombination"
+num_outputs = 1
+[output]
+path = "out"
+"""), message.replace("[models.a]", "[models]"))
 
 
 def sliding_qwen2(folder, layers: int, window_layers: int, seed: int):

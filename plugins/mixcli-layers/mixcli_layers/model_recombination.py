@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from mixcli import MixcliError, Upscaler, param
-from mixcli.architecture import layout_of
+from mixcli.architecture import check_layer_count, layout_of
 from mixcli.plan import OutputPlan, OutputTensor
 
 from ._layermap import _Copy
@@ -43,6 +43,8 @@ def check_structure(models: dict, where: str) -> None:
     """Identical tensor names, shapes and dtypes (headers only)."""
     names = list(models)
     ref = models[names[0]]
+    for name in names:
+        check_layer_count(models[name], where)
     for name in names[1:]:
         ckpt = models[name]
         if ckpt.config.get("model_type") != ref.config.get("model_type"):
