@@ -58,8 +58,8 @@ def protected_folders(project, models: Mapping | None = None) -> dict[str, Path]
     for name, ckpt in (models or {}).items():
         folders[f"the folder of model '{name}'"] = Path(ckpt.path)
         home = Path(os.path.realpath(ckpt.path))
-        files = {Path(os.path.realpath(info.file.path)) for info in ckpt.tensors.values()
-                 if hasattr(info.file, "path")}
+        files = {info.file.path for info in ckpt.tensors.values() if hasattr(info.file, "path")}
+        files = {Path(os.path.realpath(f)) for f in files}
         for i, file in enumerate(sorted(f for f in files if not f.is_relative_to(home))):
             folders[f"the weights of model '{name}'{f' #{i + 1}' if i else ''}"] = file
     return folders
@@ -122,7 +122,11 @@ def make_scratch(target: Path, kind: str = "tmp") -> Path:
             continue
         except OSError as error:
             raise unwritable(target.parent, error) from None
-        (path / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        try:
+            (path / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        except OSError as error:
+            shutil.rmtree(path, ignore_errors=True)
+            raise unwritable(target.parent, error) from None
         return path
     raise MixcliError(f"cannot make a temporary folder beside {target}")
 
