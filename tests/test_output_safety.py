@@ -309,3 +309,19 @@ def test_what_a_killed_run_left_is_removed_by_the_next_merge(tmp_path, llama_fam
     assert run("merge", project).exit_code == 0
     assert leftovers(tmp_path, "out") == []
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_signal_during_the_final_rename_waits_until_it_is_done():
+    from mixcli.target import Interrupted, SignalGuard
+
+    before = signal.getsignal(signal.SIGTERM)
+    steps = []
+    with pytest.raises(Interrupted) as caught:
+        with SignalGuard() as guard:
+            with guard.critical():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs here and defers
+                steps.append("renamed")
+            steps.append("after")
+    assert steps == ["renamed", "after"] and caught.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
