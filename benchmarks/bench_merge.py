@@ -8,12 +8,17 @@ page cache warm, printing wall seconds, peak RSS (heap and mapped file pages apa
 input read rate.
 
     python benchmarks/bench_merge.py [--root .bench] [--only linear,ties|all] [--workers N] [--repeat N]
+                                     [--mergekit /path/to/mergekit-venv/bin]
+
+With ``--mergekit`` the same recipes (scalar parameters only) also run through that venv's
+``mergekit-yaml`` (default 5B shard, ``--no-copy-tokenizer``, as in the anchors), one row each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 import os
 import shutil
 import subprocess
@@ -226,6 +231,7 @@ def main() -> None:
     parser.add_argument("--only", default=DEFAULT, help="comma-separated recipes, or 'all'")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--repeat", type=int, default=1, help="runs per method; the table shows each")
+    parser.add_argument("--mergekit", type=Path, help="bin folder of a venv with mergekit 0.1.5: time it too")
     args = parser.parse_args()
     root = args.root.absolute()
     build(root)
@@ -240,14 +246,57 @@ def main() -> None:
             result = run_once(root, method, project, args.workers)
             print(f"{method:<12} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
                   f"{result['peak_file_mib']:>14.0f} {read / 1e9 / result['wall_s']:>11.2f}", flush=True)
+            if args.mergekit:
+                result = run_mergekit(root, method, recipe, args.mergekit)
+                print(f"{'  mergekit':<12} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} "
+                      f"{result['peak_anon_mib']:>14.0f} {result['peak_file_mib']:>14.0f} "
+                      f"{read / 1e9 / result['wall_s']:>11.2f}", flush=True)
 
 
-def run_once(root: Path, method: str, project: Path, workers: int | None) -> dict:
+def mergekit_recipe(recipe: str, root: Path) -> dict:
+    """The mergekit YAML (as JSON, which YAML reads) of one of the recipes above."""
+    project = tomllib.loads(recipe)
+    method = dict(project["method"])
+    name, base, dtype = method.pop("name"), method.pop("base", None), method.pop("dtype")
+    if any(isinstance(v, (list, dict)) for v in method.values()):
+        raise SystemExit(f"{name}: only scalar parameters translate to mergekit here")
+    out = {"merge_method": name, "dtype": dtype, "models": []}
+    if base:
+        out["base_model"] = str(root / project["models"][base])
+    if method:
+        out["parameters"] = method
+    for model, ref in project["models"].items():
+        if model == base:
+            continue
+        ref = {"path": ref} if isinstance(ref, str) else dict(ref)
+        entry = {"model": str(root / ref.pop("path"))}
+        if ref:
+            entry["parameters"] = ref
+        out["models"].append(entry)
+    return out
+
+
+def run_mergekit(root: Path, method: str, recipe: str, bin_dir: Path) -> dict:
+    config = root / f"{method}.mergekit.yml"
+    config.write_text(json.dumps(mergekit_recipe(recipe, root), indent=2))
+    warm(root)
+    out = root / f"out-mergekit-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    return measure([str(bin_dir / "mergekit-yaml"), str(config), str(out), "--no-copy-tokenizer",
+                    "--random-seed", "0"], root)
+
+
+def warm(root: Path) -> None:
     for folder in ("base", "ft1", "ft2"):  # warm page cache, as in the mergekit measurements
         for shard in (root / folder).glob("*.safetensors"):
             with open(shard, "rb") as f:
                 while f.read(1 << 24):
                     pass
+
+
+def run_once(root: Path, method: str, project: Path, workers: int | None) -> dict:
+    warm(root)
     # deleting the previous run's output is not part of a merge: do it, and flush it, untimed
     shutil.rmtree(root / f"out-{method}", ignore_errors=True)
     os.sync()
@@ -255,6 +304,7 @@ def run_once(root: Path, method: str, project: Path, workers: int | None) -> dic
     if workers:
         command += ["--workers", str(workers)]
     return measure(command, root)
+
 
 if __name__ == "__main__":
     main()

@@ -549,7 +549,8 @@ def test_parity_with_mergekit():
 
 @pytest.mark.parametrize("name, kwargs", [
     ("nuslerp", {"weight": [0.4, 0.6]}), ("nuslerp", {"weight": [0.4, 0.6], "nuslerp_flatten": False}),
-    ("karcher", {}), ("sce", {"select_topk": 0.5}), ("nearswap", {"t": 0.01}), ("arcee_fusion", {"seed": 3}),
+    ("multislerp", {"weight": [0.4, 0.6]}), ("karcher", {}), ("sce", {"select_topk": 0.5}),
+    ("nearswap", {"t": 0.01}), ("arcee_fusion", {"seed": 3}),
     ("ram", {}), ("ramplus_tl", {}),
 ])
 def test_out_argument_gives_the_same_result(name, kwargs):

@@ -26,7 +26,9 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
     iteration starts at the normalised mean of the unit vectors (the first input's direction
     if that mean vanishes) and moves along the mean log map until it is shorter than ``tol``.
     Norms are float32 (float64 for float64); the rest is in the input dtype, with mergekit
-    0.1.5's operations. Unit vectors are rebuilt from the inputs when needed instead of held.
+    0.1.5's operations. Unit vectors are rebuilt from the inputs when needed instead of held,
+    in the first bytes of the float32 buffer the norms are taken from (a norm is only taken
+    while no unit vector is needed): one float32 buffer and the tangent are all that is held.
     """
     if not tensors[0].is_floating_point():
         raise MixcliError("karcher needs floating-point tensors")
@@ -36,12 +38,21 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
     alpha = 1.0 / n
     norm_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     flats = [x.reshape(-1) for x in tensors]
+    scratch = torch.empty(flats[0].numel(), dtype=torch.promote_types(norm_dtype, flats[0].dtype))
+
+    def _norm(x, dtype):
+        """``‖x‖`` as mergekit takes it, of ``x`` converted whole to ``dtype`` (here: copied into
+        ``scratch``, which overwrites the unit vector held there)."""
+        if x.dtype == dtype:
+            return torch.linalg.vector_norm(x)
+        return torch.linalg.vector_norm(scratch.copy_(x))
+
     norms = [_norm(x, norm_dtype) for x in flats]
     valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0]) if out is None else out.zero_()
     betas = [alpha / sum(alpha for _ in valid) for _ in valid]
-    unit = torch.empty_like(flats[0])  # one unit vector at a time
+    unit = scratch.view(flats[0].dtype)[:flats[0].numel()]  # one unit vector at a time
 
     def load_unit(i):
         x, norm = flats[i], norms[i]
@@ -80,16 +91,10 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
         unit_norm = _norm(mean, norm_dtype)
         if unit_norm.item() > tol:
             _scale(mean, unit_norm, divide=True)
-    del tangent, unit
+    del tangent, unit, scratch
     scale = sum(alpha * norm for norm in norms)
     _scale(mean, scale)
     return mean.view(tensors[0].shape) if out is None else out
-
-
-def _norm(x, dtype):
-    """``‖x‖`` in ``dtype`` (a 0-dim tensor). mergekit converts ``x`` to ``dtype`` first; the norm
-    kernel converting as it reads gives the same bits without the whole float32 copy."""
-    return torch.linalg.vector_norm(x, dtype=dtype)
 
 
 def _scale(x, factor, divide=False):

@@ -42,25 +42,23 @@ def nuslerp(tensors, base=None, *, weight, nuslerp_flatten=True, nuslerp_row_wis
     if not tensors[0].is_floating_point():
         raise MixcliError("nuslerp needs floating-point tensors")
     t = interpolation_factor(weight)
+    shape = tensors[0].shape
+    if out is None:
+        out = torch.empty(shape, dtype=tensors[0].dtype)
+    if nuslerp_flatten or tensors[0].dim() == 0:
+        _slerp_flat(t, [x.reshape(-1) for x in tensors], None if base is None else base.reshape(-1),
+                    out.view(-1))
+        return out
     if base is not None:
         v0, v1 = tensors[0] - base, tensors[1] - base
     else:
         v0, v1 = tensors
-    shape = v0.shape
-    if out is None:
-        out = torch.empty(shape, dtype=v0.dtype)
-    if nuslerp_flatten or v0.dim() == 0:
-        _slerp_flat(t, v0.reshape(-1), v1.reshape(-1), out.view(-1))
-    else:
-        if nuslerp_row_wise:  # vectors along dimension 0: swap it with the last
-            v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-        result = _slerp_rows(t, v0, v1)
-        out.copy_(result.transpose(0, -1) if nuslerp_row_wise else result)
-    del v0, v1
+    if nuslerp_row_wise:  # vectors along dimension 0: swap it with the last
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    result = _slerp_rows(t, v0, v1)
+    out.copy_(result.transpose(0, -1) if nuslerp_row_wise else result)
     if base is not None:
-        flat_out, flat_base = out.view(-1), base.reshape(-1)
-        for a, b in chunks(flat_out.numel()):
-            flat_out[a:b].add_(flat_base[a:b])
+        out.add_(base)
     return out
 
 
@@ -71,25 +69,34 @@ def _coefficients(t: float, cos):
     return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), collinear
 
 
-def _slerp_flat(t: float, v0, v1, out):
-    """One vector per tensor: the two norms and the cosine are whole-tensor reductions (as
-    mergekit computes them); everything elementwise runs in chunks, so only the product
-    whose sum is the cosine is held whole."""
-    n0 = torch.norm(v0, dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
-    n1 = torch.norm(v1, dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
-    product = torch.empty_like(v0)
-    for a, b in chunks(v0.numel()):
-        torch.mul(v0[a:b] / n0, v1[a:b] / n1, out=product[a:b])
+def _slerp_flat(t: float, inputs, base, out):
+    """One vector per tensor. The norms and the cosine are whole-tensor reductions, computed as
+    mergekit computes them on whole tensors; one whole buffer is held at a time (a task vector,
+    then the product whose sum is the cosine) and task vectors are recomputed chunk by chunk."""
+
+    def vector(i, a=0, b=None):
+        x = inputs[i][a:b]
+        return x if base is None else x - base[a:b]
+
+    def norm(i):
+        return torch.norm(vector(i), dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
+
+    n0, n1 = norm(0), norm(1)
+    product = torch.empty_like(out)
+    for a, b in chunks(out.numel()):
+        torch.mul(vector(0, a, b) / n0, vector(1, a, b) / n1, out=product[a:b])
     cos = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
     del product
     s0, s1, sin_theta, collinear = _coefficients(t, cos)
     linear = bool(collinear)
-    for a, b in chunks(v0.numel()):
-        x0, x1 = v0[a:b], v1[a:b]
+    for a, b in chunks(out.numel()):
+        x0, x1 = vector(0, a, b), vector(1, a, b)
         if linear:
             torch.add((1 - t) * x0, t * x1, out=out[a:b])
         else:
             torch.div(s0 * x0 + s1 * x1, sin_theta, out=out[a:b])
+        if base is not None:
+            out[a:b].add_(base[a:b])
     return out
 
 

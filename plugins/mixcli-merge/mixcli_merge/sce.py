@@ -27,7 +27,7 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
     largest variance across the models. ``m_i`` marks entries whose sign matches the sign of
     ``Σ_i τ_i`` (+ for 0). ``w_i = mean(τ_i²) / Σ_j mean(τ_j²)``, or ``1/n`` when that sum is
     below 1e-6 (mergekit's absolute threshold, kept for parity). Works in the input dtype with
-    mergekit 0.1.5's operations; the combination runs in chunks.
+    mergekit 0.1.5's operations, chunk by chunk; task vectors are never held whole.
     """
     if base is None:
         raise MixcliError("sce needs a base model")
@@ -35,11 +35,21 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
         return base if out is None else out.copy_(base)
     dtype = base.dtype
     mask_dtype = torch.int8 if int8_mask else dtype
-    deltas = torch.stack([x - base for x in tensors], dim=0)
-    flat = deltas.view(len(tensors), -1)
-    if select_topk < 1:
-        flat.mul_(_variance_mask(deltas, select_topk, mask_dtype).view(1, -1))
-    squares = flat.square()
+    flat_base = base.reshape(-1)
+    flats = [x.reshape(-1) for x in tensors]
+    n, size = len(flats), flat_base.numel()
+    mask = _variance_mask(flats, flat_base, select_topk, mask_dtype) if select_topk < 1 else None
+
+    def deltas(a, b):
+        """The (selected) task vectors over entries a..b, stacked; recomputed rather than held."""
+        part = torch.stack([x[a:b] - flat_base[a:b] for x in flats], dim=0)
+        return part if mask is None else part * mask[a:b]
+
+    # the mean squares are whole-row reductions (chunked sums round differently): the squares
+    # are held whole, once, the task vectors never
+    squares = torch.empty(n, size, dtype=dtype)
+    for a, b in chunks(size):
+        torch.square(deltas(a, b), out=squares[:, a:b])
     means = squares.mean(dim=1)
     del squares
     total = torch.sum(means).item()
@@ -50,9 +60,9 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
     column = weights.view(-1, 1)
     if out is None:
         out = torch.empty(base.shape, dtype=dtype)
-    flat_out, flat_base = out.view(-1), base.reshape(-1)
-    for a, b in chunks(flat.shape[1]):
-        part = flat[:, a:b]
+    flat_out = out.view(-1)
+    for a, b in chunks(size):
+        part = deltas(a, b)
         elected = (part.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
         erased = column * (part.sign().to(mask_dtype) == elected)
         merged = (part * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
@@ -60,18 +70,22 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
     return out
 
 
-def _variance_mask(deltas, select_topk: float, mask_dtype):
+def _variance_mask(flats, flat_base, select_topk: float, mask_dtype):
     """1 at the ``⌊select_topk · #(var ≠ 0)⌋`` entries of largest population variance across
     the models (``torch.topk``'s choice among ties), else 0."""
     if select_topk <= 0:
-        return torch.zeros_like(deltas[0], dtype=mask_dtype)
-    variance = torch.var(deltas, dim=0, unbiased=False)
+        return torch.zeros_like(flat_base, dtype=mask_dtype)
+    variance = torch.empty_like(flat_base)
+    for a, b in chunks(flat_base.numel()):  # per entry, across the models: chunks are exact
+        part = torch.stack([x[a:b] - flat_base[a:b] for x in flats], dim=0)
+        torch.var(part, dim=0, unbiased=False, out=variance[a:b])
     k = int(torch.count_nonzero(variance) * select_topk)
     mask = torch.zeros_like(variance, dtype=mask_dtype)
     if k == 0:
         return mask
-    _, indices = torch.topk(variance.abs().view(-1), k=k, largest=True)
-    mask.view(-1)[indices] = 1
+    _, indices = torch.topk(variance.abs(), k=k, largest=True)
+    del variance
+    mask[indices] = 1
     return mask
 
 
