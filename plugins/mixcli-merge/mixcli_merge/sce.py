@@ -46,11 +46,13 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
         return part if mask is None else part * mask[a:b]
 
     # the mean squares are whole-row reductions (chunked sums round differently): the squares
-    # are held whole, once, the task vectors never
-    squares = torch.empty(n, size, dtype=dtype)
+    # are held whole, once, the task vectors never. torch takes a 16-bit mean as a float32 sum
+    # of a float32 copy, divided, rounded back: the squares go straight into that float32 copy
+    wide = dtype in (torch.bfloat16, torch.float16)
+    squares = torch.empty(n, size, dtype=torch.float32 if wide else dtype)
     for a, b in chunks(size):
-        torch.square(deltas(a, b), out=squares[:, a:b])
-    means = squares.mean(dim=1)
+        squares[:, a:b] = torch.square(deltas(a, b))
+    means = squares.sum(dim=1).div_(size).to(dtype) if wide else squares.mean(dim=1)
     del squares
     total = torch.sum(means).item()
     if abs(total) < _EQUAL_WEIGHTS_BELOW:
