@@ -45,20 +45,24 @@ def load_project(path: str | Path, registry: Registry | None = None,
 
 def open_models(project: Project, registry: Registry) -> dict[str, Checkpoint]:
     """Open every model of the project (configs and headers only)."""
-    models = {}
-    loaders = list(registry.loaders.values())[::-1]  # plugins' loaders are asked before built-ins
-    for name, ref in project.models.items():
-        if ref.loader is not None:
-            loader = registry.loaders.get(ref.loader)
-            if loader is None:
-                raise MixcliError(f"{ref.where}: unknown loader '{ref.loader}'; known: "
-                                  f"{', '.join(registry.loaders)}")
-        else:
-            loader = next((item for item in loaders if item.accepts(ref)), None)
-            if loader is None:
-                raise MixcliError(f"{ref.where}: no model loader accepts '{ref.path}'")
-        models[name] = loader.load(ref)
-    return models
+    return {name: open_model(ref, registry) for name, ref in project.models.items()}
+
+
+def open_model(ref, registry: Registry) -> Checkpoint:
+    """Open one model reference with its own loader, or the first that accepts it."""
+    if ref.loader is not None:
+        loader = registry.loaders.get(ref.loader)
+        if loader is None:
+            raise MixcliError(f"{ref.where}: unknown loader '{ref.loader}'; known: "
+                              f"{', '.join(registry.loaders)}")
+    else:
+        # plugins' loaders are asked before built-ins
+        loader = next((item for item in list(registry.loaders.values())[::-1] if item.accepts(ref)), None)
+        if loader is None:
+            extra = (f" with lora = '{ref.lora}' (install a plugin that applies LoRA adapters, "
+                     "e.g. mixcli-lora)" if ref.lora else "")
+            raise MixcliError(f"{ref.where}: no model loader accepts '{ref.path}'{extra}")
+    return loader.load(ref)
 
 
 def build_plan(project: Project, method, models: dict[str, Checkpoint]) -> OutputPlan | dict[str, OutputPlan]:
@@ -151,7 +155,8 @@ def card(project: Project, registry: Registry, recipe_text: str | None = None, n
     recipe_text = recipe(project) if recipe_text is None else recipe_text
     provider = registry.provider.get(("method", project.method))
     package = f"{provider.package} {provider.version}" if provider else "unknown"
-    sources = "\n".join(f"- `{name}`: `{ref.path}`" for name, ref in project.models.items())
+    sources = "\n".join(f"- `{name}`: `{ref.path}`" + (f" + LoRA `{ref.lora}`" if ref.lora else "")
+                        for name, ref in project.models.items())
     bases = "".join(f"\n- {ref.path}" for ref in project.models.values())
     notes = "## Notes\n" + "".join(f"- {note}\n" for note in notes) + "\n" if notes else ""
     rebuild = step or ("`mixcli merge mixcli.toml --out NEW` reproduces this model from the same inputs, "

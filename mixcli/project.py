@@ -15,7 +15,7 @@ from .safetensors_io import parse_size
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 TOP_LEVEL = ("models", "method", "slices", "output", "evaluation", "tokenizer")
-MODEL_KEYS = ("path", "revision", "loader")
+MODEL_KEYS = ("path", "revision", "loader", "lora")
 METHOD_KEYS = ("name", "base", "seed", "dtype", "compute_dtype", "overrides")
 SLICE_KEYS = ("sources", "base")
 SOURCE_KEYS = ("model", "layer_range")
@@ -33,6 +33,7 @@ class ModelRef:
     revision: str | None = None
     loader: str | None = None
     params: dict = field(default_factory=dict)
+    lora: str | None = None  # a PEFT adapter folder or Hub id applied to the model
 
     @property
     def resolved_path(self) -> Path:
@@ -139,6 +140,20 @@ def _unknown(table: dict, allowed: tuple, where: str) -> None:
             raise MixcliError(f"{where}: unknown key '{key}'{closest(key, allowed)}")
 
 
+def _model_and_lora(entry: dict, project_dir: Path, where: str) -> tuple[str, str | None]:
+    """The model path and its LoRA adapter: ``lora = "..."``, or mergekit's "model+adapter"
+    (split only when no folder of that literal name exists)."""
+    path = _str(entry["path"], f"{where} path")
+    lora = _str(entry["lora"], f"{where} lora") if "lora" in entry else None
+    if "+" in path and lora is None and not (project_dir / Path(path).expanduser()).exists():
+        parts = path.split("+")
+        if len(parts) != 2 or not all(parts):
+            raise MixcliError(f"{where} path: '{path}' must be 'model+adapter' with one '+', "
+                              "or write path = \"...\" and lora = \"...\" separately")
+        path, lora = parts
+    return path, lora
+
+
 def read_project(path: str | Path, text: str | None = None) -> Project:
     """Parse a project file; structural errors only (methods are checked by :func:`check`).
 
@@ -174,10 +189,11 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         entry = _table(entry, where)
         if "path" not in entry:
             raise MixcliError(f"{where}: 'path' is missing; give a local folder or a Hub id")
+        path, lora = _model_and_lora(entry, project_dir, where)
         models[key] = ModelRef(
-            name=key, path=_str(entry["path"], f"{where} path"), project_dir=project_dir, where=where,
+            name=key, path=path, project_dir=project_dir, where=where,
             revision=entry.get("revision"), loader=entry.get("loader"),
-            params=_split(entry, MODEL_KEYS, where))
+            params=_split(entry, MODEL_KEYS, where), lora=lora)
     if not models:
         raise MixcliError(f"{name}: [models] is empty; list the models to merge, e.g. base = \"models/base\"")
 

@@ -76,6 +76,9 @@ def _pickled_tensors(folder: Path) -> dict:
 
 
 def load(ref) -> Checkpoint:
+    if getattr(ref, "lora", None):  # never silently drop an adapter the user asked for
+        raise MixcliError(f"{ref.where}: loader 'pretrained' cannot apply lora = '{ref.lora}'; "
+                          "drop loader = \"pretrained\" (a LoRA plugin such as mixcli-lora applies it)")
     folder = _folder(ref)
     config = read_config(folder, ref.where)
     tensors = open_safetensors(folder, ref.where)
@@ -92,6 +95,6 @@ def register_model_loaders(register):
         name="pretrained",
         summary="a folder written by save_pretrained (safetensors, sharded or not; "
                 "weights-only .bin), or a Hugging Face Hub id",
-        accepts=lambda ref: True,
+        accepts=lambda ref: not getattr(ref, "lora", None),
         load=load,
     ))
