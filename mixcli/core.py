@@ -230,7 +230,8 @@ def describe(prepared: Prepared, workers: int) -> dict:
     shared, per_model = resolved_parameters(prepared)
     return {
         "method": prepared.project.method,
-        "models": {name: str(ckpt.path) for name, ckpt in prepared.models.items()},
+        "models": {name: str(ckpt.path) + (f" + {ckpt.extra['lora']}" if "lora" in ckpt.extra else "")
+                   for name, ckpt in prepared.models.items()},
         "base": prepared.project.base,
         "parameters": shared,
         "model_parameters": per_model,

@@ -140,7 +140,7 @@ def _unknown(table: dict, allowed: tuple, where: str) -> None:
             raise MixcliError(f"{where}: unknown key '{key}'{closest(key, allowed)}")
 
 
-def _model_and_lora(entry: dict, project_dir: Path, where: str) -> tuple[str, str | None]:
+def model_and_lora(entry: dict, project_dir: Path, where: str) -> tuple[str, str | None]:
     """The model path and its LoRA adapter: ``lora = "..."``, or mergekit's "model+adapter"
     (split only when no folder of that literal name exists)."""
     path = _str(entry["path"], f"{where} path")
@@ -189,7 +189,7 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         entry = _table(entry, where)
         if "path" not in entry:
             raise MixcliError(f"{where}: 'path' is missing; give a local folder or a Hub id")
-        path, lora = _model_and_lora(entry, project_dir, where)
+        path, lora = model_and_lora(entry, project_dir, where)
         models[key] = ModelRef(
             name=key, path=path, project_dir=project_dir, where=where,
             revision=entry.get("revision"), loader=entry.get("loader"),

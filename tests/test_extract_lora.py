@@ -141,6 +141,22 @@ def test_sv_epsilon_finds_an_exact_low_rank_delta_and_drops_tiny_ones(tmp_path, 
     assert not (tmp_path / "none").exists()
 
 
+def test_bfloat16_models_give_a_bfloat16_adapter_from_a_float32_svd(tmp_path, llama_bf16_family):
+    base, ft = llama_bf16_family["base"], llama_bf16_family["ft1"]
+    result = extract("--base", base, "--model", ft, "--out", tmp_path / "adapter", "--max-rank", 64)
+    assert result.exit_code == 0, result.output
+    factors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    a = factors[f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = factors[f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert a.dtype == b.dtype == torch.bfloat16
+    base_t, ft_t = tiny_models.load_tensors(base), tiny_models.load_tensors(ft)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    delta = ft_t[name].float() - base_t[name].float()
+    # only the rounding of A and B to bfloat16 remains (a few bf16 ulps relative to ‖Δ‖)
+    assert float((delta - b.float() @ a.float()).norm() / delta.norm()) < 2e-2
+    assert reported_total(result.output) < 2e-2
+
+
 def test_bias_deltas_round_trip_through_peft(tmp_path):
     cfg = tiny_models.config(layers=2)
     cfg.attention_bias = True

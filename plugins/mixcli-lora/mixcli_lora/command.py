@@ -11,9 +11,9 @@ from mixcli.errors import MixcliError
 
 
 def _ref(label: str, value: str):
-    from mixcli.project import ModelRef, _model_and_lora
+    from mixcli.project import ModelRef, model_and_lora
 
-    path, lora = _model_and_lora({"path": value}, Path.cwd(), label)
+    path, lora = model_and_lora({"path": value}, Path.cwd(), label)
     return ModelRef(name=label.lstrip("-"), path=path, project_dir=Path.cwd(), where=label, lora=lora)
 
 
