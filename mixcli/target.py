@@ -49,12 +49,16 @@ def check_target(target: Path, force: bool, protected: Mapping[str, Path] | None
 
 
 def protected_folders(project, models: Mapping | None = None) -> dict[str, Path]:
-    """What a merge of ``project`` reads, by a label for messages: the local model folders,
-    and once the models are open, where each really lives (a Hub download's snapshot) and
-    the weight files it links to elsewhere (the Hub cache's blobs, a user's own links: an
+    """What a merge of ``project`` reads, by a label for messages: the local model and LoRA
+    adapter folders, and once the models are open, where each really lives (a Hub download's
+    snapshot) and the weight files it links to elsewhere (the Hub cache's blobs, a user's own links: an
     output may lie beside those, not over them)."""
     folders = {f"the folder of model '{name}'": ref.resolved_path for name, ref in project.models.items()
                if ref.resolved_path.is_dir()}
+    for name, ref in project.models.items():  # a LoRA adapter is an input too
+        adapter = ref.project_dir / Path(ref.lora).expanduser() if ref.lora else None
+        if adapter is not None and adapter.is_dir():
+            folders[f"the adapter folder of model '{name}'"] = adapter
     for name, ckpt in (models or {}).items():
         folders[f"the folder of model '{name}'"] = Path(ckpt.path)
         home = Path(os.path.realpath(ckpt.path))
@@ -62,6 +66,8 @@ def protected_folders(project, models: Mapping | None = None) -> dict[str, Path]
         files = {Path(os.path.realpath(f)) for f in files}
         for i, file in enumerate(sorted(f for f in files if not f.is_relative_to(home))):
             folders[f"the weights of model '{name}'{f' #{i + 1}' if i else ''}"] = file
+        if ckpt.extra.get("lora"):
+            folders[f"the adapter folder of model '{name}'"] = Path(ckpt.extra["lora"])
     return folders
 
 

@@ -193,6 +193,10 @@ def test_existing_output_and_bad_options_are_one_line_errors(tmp_path, llama_fam
                           "--base: the base model has no tensor 'model.layers.2.")
     assert not (tmp_path / "x").exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    copy = shutil.copytree(ft, tmp_path / "ft")
+    assert_one_line_error(extract("--base", base, "--model", copy, "--out", copy / "adapter", "--force"),
+                          "lies inside the folder of --model")
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in ft.iterdir())
     result = extract("--base", base, "--model", ft, "--out", tmp_path / "adapter", "--max-rank", 2, "--force")
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "adapter" / "keep.txt").exists()

@@ -220,3 +220,13 @@ def test_lora_loader_is_registered():
     registry = get_registry()
     assert "lora" in registry.loaders
     assert registry.provider[("loader", "lora")].package == "mixcli-lora"
+
+
+def test_the_adapter_folder_is_never_written_over(tmp_path, llama_family, plain_adapter):
+    adapter = shutil.copytree(plain_adapter, tmp_path / "adapter")
+    before = sorted(p.name for p in adapter.iterdir())
+    project = write_project(tmp_path, f'[models]\nm = {{ path = "{llama_family["base"]}", lora = "adapter" }}\n'
+                                      '[method]\nname = "passthrough"\n[output]\npath = "adapter"\n')
+    assert_one_line_error(run("merge", project, "--force"), "is the adapter folder of model 'm'")
+    assert sorted(p.name for p in adapter.iterdir()) == before
+

@@ -65,12 +65,20 @@ def extract_lora(base_path, model_path, out, max_rank, sv_epsilon, distribute_sc
                         embed_lora=embed_lora, save_modules=tuple(save_modules),
                         include=_patterns("--include-regex", include), exclude=_patterns("--exclude-regex", exclude),
                         skip_undecomposable=skip_undecomposable, device=device)
-    check_target(out.absolute(), force)  # before any work
+    refs = {"--base": _ref("--base", base_path), "--model": _ref("--model", model_path)}
+    protected = {}
+    for label, ref in refs.items():
+        for what, path in (("the folder", ref.path), ("the adapter folder", ref.lora)):
+            if path and (Path.cwd() / Path(path).expanduser()).is_dir():
+                protected[f"{what} of {label}"] = Path.cwd() / Path(path).expanduser()
+    check_target(out.absolute(), force, protected)  # before any work
     registry = get_registry()
-    base = open_model(_ref("--base", base_path), registry)
-    finetune = open_model(_ref("--model", model_path), registry)
+    base = open_model(refs["--base"], registry)
+    finetune = open_model(refs["--model"], registry)
+    for label, ckpt in (("--base", base), ("--model", finetune)):
+        protected[f"the folder of {label}"] = Path(ckpt.path)
     extraction = extract(base, finetune, settings, base_path)
-    written = write_adapter(extraction, out, force, base_path, model_path)
+    written = write_adapter(extraction, out, force, base_path, model_path, protected)
     _print(extraction, written)
 
 

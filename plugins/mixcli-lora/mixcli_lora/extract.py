@@ -237,28 +237,40 @@ def _module(result: Extraction, module: str, kind: str, names: list[str], base, 
     result.results.append(ModuleResult(module, "lora", rank, shape, norm, math.sqrt(residual)))
 
 
-def write_adapter(extraction: Extraction, target: Path, force: bool, base_label: str, model_label: str) -> Path:
-    """Write the adapter folder atomically: a temporary folder beside ``target``, renamed into place."""
+def write_adapter(extraction: Extraction, target: Path, force: bool, base_label: str, model_label: str,
+                  protected: dict[str, Path]) -> Path:
+    """Write the adapter folder atomically, as a merge writes its output (see mixcli.target): a
+    marked temporary folder beside ``target`` renamed into place, the target locked meanwhile;
+    the input folders in ``protected`` are never written over."""
     import json
     import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
-    from mixcli.engine import _replace, check_target
+    from mixcli.engine import _replace
+    from mixcli.target import (MARKER, SignalGuard, check_target, make_scratch, remove_leftovers,
+                               target_lock)
 
     target = Path(target).absolute()
-    check_target(target, force)
+    check_target(target, force, protected)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        save_file(extraction.tensors, str(scratch / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (scratch / "adapter_config.json").write_text(json.dumps(extraction.config, indent=2) + "\n")
-        (scratch / "README.md").write_text(_card(extraction, base_label, model_label))
-        _replace(scratch, target)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    with SignalGuard() as signals, target_lock(target):
+        check_target(target, force, protected)
+        remove_leftovers(target)
+        scratch = make_scratch(target)
+        try:
+            save_file(extraction.tensors, str(scratch / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (scratch / "adapter_config.json").write_text(json.dumps(extraction.config, indent=2) + "\n")
+            (scratch / "README.md").write_text(_card(extraction, base_label, model_label))
+            with signals.critical():
+                (scratch / MARKER).unlink()
+                _replace(scratch, target)
+        except OSError as error:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise MixcliError(f"cannot write {target}: {error.strerror or error}; nothing was written") from None
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
     return target
 
 
