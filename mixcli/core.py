@@ -126,13 +126,19 @@ def recipe(project: Project) -> str:
 
     from .tomlwrite import dumps
 
+    def absolute(local: Path, as_written: str) -> str:
+        # a Hub id, or a reference a plugin's loader resolves: as written
+        return os.path.normpath(local.absolute()) if local.exists() else as_written
+
     data = tomli.loads(project.text)
     for name, entry in data.get("models", {}).items():
-        local = project.models[name].resolved_path
-        if not local.exists():  # a Hub id, or a reference a plugin's loader resolves: as written
-            continue
-        path = os.path.normpath(local.absolute())
-        if isinstance(entry, dict):
+        ref = project.models[name]
+        path = absolute(ref.resolved_path, ref.path)
+        if ref.lora:  # "model+adapter" too: as a table, the adapter's path absolute as well
+            entry = dict(entry) if isinstance(entry, dict) else {}
+            entry.update(path=path, lora=absolute(ref.project_dir / Path(ref.lora).expanduser(), ref.lora))
+            data["models"][name] = entry
+        elif isinstance(entry, dict):
             entry["path"] = path
         else:
             data["models"][name] = path

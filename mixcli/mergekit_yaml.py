@@ -54,31 +54,45 @@ class _Models:
 
     def name(self, reference: Any, key: str) -> str:
         if isinstance(reference, dict):  # {model: {path, revision}, lora: ..., override_architecture: ...}
-            for extra, advice in (("lora", "merge the adapter into the model first"),
-                                  ("override_architecture", "remove it")):
-                if reference.get(extra) is not None:
-                    raise MixcliError(f"{self.where}: {key}.{extra}: no mixcli equivalent; {advice}")
+            if reference.get("override_architecture") is not None:
+                raise MixcliError(f"{self.where}: {key}.override_architecture: no mixcli equivalent; remove it")
             inner = reference.get("model")
             if not isinstance(inner, dict) or not isinstance(inner.get("path"), str):
                 raise MixcliError(f"{self.where}: {key} must be a path, a Hub id or {{model: {{path, revision}}}}")
             revision = inner.get("revision")
-            reference = inner["path"] + (f"@{revision}" if revision else "")
+            adapter = reference.get("lora")
+            if adapter is not None and (not isinstance(adapter, dict) or not isinstance(adapter.get("path"), str)
+                                        or adapter.get("revision")):
+                raise MixcliError(f"{self.where}: {key}.lora must be {{path: ...}} (an adapter revision cannot be "
+                                  "translated: download the adapter and give its folder)")
+            reference = (inner["path"] + (f"@{revision}" if revision else "")
+                         + (f"+{adapter['path']}" if adapter is not None else ""))
         if not isinstance(reference, str) or not reference:
             raise MixcliError(f"{self.where}: {key} must be a model path or Hub id, got {reference!r}")
         if reference in self.by_reference:
             return self.by_reference[reference]
-        if "+" in reference:
-            raise MixcliError(f"{self.where}: {key}: '{reference}' applies a LoRA adapter to a model "
-                              "(model+lora), which cannot be translated; merge the adapter into the model first")
-        path, revision = reference, None
-        local = self._local(reference)
-        if local is None and "@" in reference:
-            path, revision = reference.rsplit("@", 1)
+        model, lora = reference, None
+        if "+" in reference:  # model+lora: a model with a PEFT adapter (mixcli's `lora`)
+            parts = reference.split("+")
+            if len(parts) != 2 or not all(parts):
+                raise MixcliError(f"{self.where}: {key}: '{reference}' must be 'model+lora' with one '+'")
+            model, lora = parts
+            if self._local(lora) is None and "@" in lora:
+                raise MixcliError(f"{self.where}: {key}: the adapter revision in '{lora}' cannot be translated; "
+                                  "download the adapter and give its folder")
+        path, revision = model, None
+        local = self._local(model)
+        if local is None and "@" in model:
+            path, revision = model.rsplit("@", 1)
             local = self._local(path)
         entry = {"path": str(local) if local is not None else path}
         if revision:
             entry["revision"] = revision
+        if lora:
+            entry["lora"] = str(self._local(lora) or lora)
         stem = _NAME.sub("_", Path(path.rstrip("/")).name).strip("_") or "model"
+        if lora:
+            stem = f"{stem}_{_NAME.sub('_', Path(lora.rstrip('/')).name).strip('_')}".strip("_")
         name, count = stem, 1
         while name in self.entries:
             count += 1

@@ -139,6 +139,12 @@ def test_merge_with_lora_inputs_writes_peft_weights_and_both_spellings_agree(tmp
         written = tiny_models.load_tensors(tmp_path / name)
         assert written.keys() == reference.keys()
         assert all(torch.equal(written[k], reference[k]) for k in written)
+        # the recipe written beside the model keeps the adapter, so it rebuilds the same model
+        assert read_project(tmp_path / name / "mixcli.toml").models["m"].lora == str(adapter)
+    again = run("merge", tmp_path / "plus" / "mixcli.toml", "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    rebuilt = tiny_models.load_tensors(tmp_path / "again")
+    assert all(torch.equal(rebuilt[k], reference[k]) for k in reference)
     # in a merge with other models the adapter changes only its own model's contribution
     project = write_project(tmp_path, f'[models]\nbase = "{base}"\nft = "{ft1}"\nm = "{base}+{adapter}"\n'
                                       '[method]\nname = "task_arithmetic"\nbase = "base"\nweight = 1.0\n'
@@ -229,4 +235,21 @@ def test_the_adapter_folder_is_never_written_over(tmp_path, llama_family, plain_
                                       '[method]\nname = "passthrough"\n[output]\npath = "adapter"\n')
     assert_one_line_error(run("merge", project, "--force"), "is the adapter folder of model 'm'")
     assert sorted(p.name for p in adapter.iterdir()) == before
+
+
+def test_mergekit_recipe_with_model_plus_lora_imports_and_merges_like_peft(tmp_path, llama_family, plain_adapter,
+                                                                         monkeypatch):
+    import tomli
+
+    monkeypatch.chdir(tmp_path)
+    base = llama_family["base"]
+    (tmp_path / "recipe.yml").write_text(f"merge_method: passthrough\nmodels:\n  - model: {base}+{plain_adapter}\n")
+    result = run("import-mergekit", "recipe.yml", "--output-path", "merged")
+    assert result.exit_code == 0, result.output
+    models = tomli.loads((tmp_path / "project.toml").read_text())["models"]
+    assert list(models.values()) == [{"path": str(base), "lora": str(plain_adapter)}]
+    assert run("merge", "project.toml").exit_code == 0
+    reference = peft_merged(base, plain_adapter).state_dict()
+    written = tiny_models.load_tensors(tmp_path / "merged")
+    assert all(torch.equal(written[k], reference[k]) for k in reference)
 

@@ -324,11 +324,10 @@ def test_tokenizer_source_becomes_the_tokenizer_table(tmp_path, llama_family, mo
     ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n"
      "    residual_weight: 0.5\n",
      "slices[0].residual_weight: no mixcli equivalent; remove it or translate it by hand"),
-    ("merge_method: linear\nmodels:\n  - model: {model: {path: a}, lora: {path: l}}\n",
-     "models[0].model.lora: no mixcli equivalent; merge the adapter into the model first"),
-    ("merge_method: linear\nmodels:\n  - model: a+loras/a\n    parameters: {weight: 1}\n",
-     "models[0].model: 'a+loras/a' applies a LoRA adapter to a model (model+lora), which cannot be "
-     "translated; merge the adapter into the model first"),
+    ("merge_method: linear\nmodels:\n  - model: {model: {path: a}, lora: {path: l, revision: x}}\n",
+     "models[0].model.lora must be {path: ...} (an adapter revision cannot be translated"),
+    ("merge_method: linear\nmodels:\n  - model: a+loras/a+loras/b\n    parameters: {weight: 1}\n",
+     "models[0].model: 'a+loras/a+loras/b' must be 'model+lora' with one '+'"),
     ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, densty: 0.5}\n",
      "models[0].parameters.densty: method 'ties' has no parameter 'densty' (did you mean 'density'?)"),
     ("merge_method: slerp\nbase_model: b\nmodels:\n  - model: a\n    parameters: {t: 0.5}\n",
