@@ -157,6 +157,23 @@ def test_bfloat16_models_give_a_bfloat16_adapter_from_a_float32_svd(tmp_path, ll
     assert reported_total(result.output) < 2e-2
 
 
+def test_tied_embeddings_are_saved_with_the_head_so_peft_reties_them(tmp_path, tied_family):
+    base, ft = tied_family["base"], tied_family["ft1"]
+    result = extract("--base", base, "--model", ft, "--out", tmp_path / "adapter", "--max-rank", 64, "--embed-lora")
+    assert result.exit_code == 0, result.output
+    assert "ties its head to its input embeddings" in result.output
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["ensure_weight_tying"] is True and "model.embed_tokens" in config["modules_to_save"]
+    # the head is the fine-tune's embedding in PEFT too, not the base's
+    torch.testing.assert_close(peft_logits(base, tmp_path / "adapter"), tiny_models.logits(ft), rtol=1e-4, atol=1e-4)
+    project = write_project(tmp_path, f'[models]\nm = "{base}+{tmp_path / "adapter"}"\n'
+                                      '[method]\nname = "passthrough"\n[output]\npath = "merged"\n')
+    assert CliRunner().invoke(cli, ["merge", str(project)]).exit_code == 0
+    written = tiny_models.load_tensors(tmp_path / "merged")
+    assert "lm_head.weight" not in written  # still tied
+    assert torch.equal(written["model.embed_tokens.weight"], tiny_models.load_tensors(ft)["model.embed_tokens.weight"])
+
+
 def test_bias_deltas_round_trip_through_peft(tmp_path):
     cfg = tiny_models.config(layers=2)
     cfg.attention_bias = True

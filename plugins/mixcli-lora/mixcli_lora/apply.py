@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from math import prod
 
+from mixcli.architecture import head_name, head_source, is_tied
 from mixcli.checkpoint import Checkpoint
 from mixcli.errors import MixcliError
 from mixcli.safetensors_io import ITEM_SIZE, TensorInfo, torch_dtype
@@ -69,6 +70,12 @@ def _resize(base: Checkpoint, adapter: Adapter, where: str) -> int | None:
     rows = {}
     for name, info in adapter.replacements.items():
         old = base.tensors.get(name)
+        if old is None and name == head_name(base) and is_tied(base):
+            if head_source(base) not in adapter.replacements:
+                raise MixcliError(f"{where}: the adapter replaces the head '{name}' but the base model ties "
+                                  "it to its input embeddings, which the adapter leaves as they are; "
+                                  "untie the base model first")
+            continue  # a tied head: it follows the saved embedding (PEFT's ensure_weight_tying)
         if old is None:
             raise MixcliError(f"{where}: adapter tensor '{name}' has no counterpart in the base model "
                               f"{base.path}; the adapter was made for another model")
@@ -100,7 +107,8 @@ def apply_adapter(base: Checkpoint, adapter: Adapter, where: str) -> LoraCheckpo
     if vocab is not None:
         config["vocab_size"] = vocab
     for name, info in adapter.replacements.items():
-        tensors[name] = _info(name, base.tensors[name].dtype, info.shape, _Applied(info))
+        if name in base.tensors:  # not a tied head (see _resize)
+            tensors[name] = _info(name, base.tensors[name].dtype, info.shape, _Applied(info))
     for module, lora in adapter.modules.items():
         name = f"{module}.weight"
         source = adapter.replacements.get(name) or base.tensors.get(name)

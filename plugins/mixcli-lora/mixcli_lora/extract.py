@@ -12,11 +12,13 @@ and reported, so PEFT can always load the result.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixcli.architecture import head_name, head_source, is_tied
 from mixcli.errors import MixcliError
 
 from .adapter import PREFIX
@@ -118,6 +120,12 @@ def extract(base, finetune, settings: Settings, base_label: str) -> Extraction:
     ranks: dict[str, int] = {}
     saved: list[str] = []
     flags = {"biased": False, "unbiased": []}
+    tied = is_tied(finetune)
+    if tied and settings.embed_lora:
+        # PEFT applies an embedding LoRA to the input side only, not to the tied head
+        result.warnings.append("the model ties its head to its input embeddings: they are saved whole, "
+                               "not decomposed (--embed-lora)")
+        settings = dataclasses.replace(settings, embed_lora=False)
     for module, kind, has_bias in modules:
         names = [f"{module}.weight"] + ([f"{module}.bias"] if has_bias else [])
         names = [n for n in names if n in finetune.tensors]
@@ -129,6 +137,11 @@ def extract(base, finetune, settings: Settings, base_label: str) -> Extraction:
             for n in names:
                 finetune.release(n)
                 base.release(n)
+    embedding = head_source(finetune) if tied else None
+    if embedding is not None and f"{PREFIX}{embedding}" in result.tensors:
+        # the head is the embedding: PEFT re-ties it to the saved copy (ensure_weight_tying),
+        # given the head's key too; otherwise the head would stay the base's embedding
+        result.tensors[f"{PREFIX}{head_name(finetune)}"] = result.tensors[f"{PREFIX}{embedding}"].clone()
     if not ranks:
         raise MixcliError("no module has a low-rank difference to extract (every module is unchanged, saved "
                           "whole, dropped by --sv-epsilon or filtered out); lower --sv-epsilon or change the "
@@ -162,6 +175,7 @@ def extract(base, finetune, settings: Settings, base_label: str) -> Extraction:
         "lora_bias": biased,
         "init_lora_weights": True,
         "inference_mode": True,
+        "ensure_weight_tying": embedding is not None and f"{PREFIX}{embedding}" in result.tensors,
     }
     return result
 
