@@ -253,3 +253,11 @@ def test_mergekit_recipe_with_model_plus_lora_imports_and_merges_like_peft(tmp_p
     written = tiny_models.load_tensors(tmp_path / "merged")
     assert all(torch.equal(written[k], reference[k]) for k in reference)
 
+
+
+def test_an_adapter_that_would_untie_a_tied_head_is_an_error(tmp_path, tied_family):
+    adapter = make_adapter(tied_family["base"], tmp_path / "adapter", target_modules=["q_proj"],
+                           modules_to_save=["lm_head"])
+    assert_one_line_error(run("merge", _project(tmp_path, tied_family["base"], adapter)),
+                          "replaces the head 'lm_head.weight' but the base model ties it", "untie the base")
+    assert not (tmp_path / "out").exists()
