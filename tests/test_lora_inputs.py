@@ -237,13 +237,16 @@ def test_the_adapter_folder_is_never_written_over(tmp_path, llama_family, plain_
     assert sorted(p.name for p in adapter.iterdir()) == before
 
 
-def test_mergekit_recipe_with_model_plus_lora_imports_and_merges_like_peft(tmp_path, llama_family, plain_adapter,
-                                                                         monkeypatch):
+@pytest.mark.parametrize("form", ["plus", "table"])
+def test_mergekit_recipe_with_model_plus_lora_imports_and_merges_like_peft(form, tmp_path, llama_family,
+                                                                         plain_adapter, monkeypatch):
     import tomli
 
     monkeypatch.chdir(tmp_path)
     base = llama_family["base"]
-    (tmp_path / "recipe.yml").write_text(f"merge_method: passthrough\nmodels:\n  - model: {base}+{plain_adapter}\n")
+    model = (f"{base}+{plain_adapter}" if form == "plus" else
+             f"{{model: {{path: {base}}}, lora: {{path: {plain_adapter}}}}}")
+    (tmp_path / "recipe.yml").write_text(f"merge_method: passthrough\nmodels:\n  - model: {model}\n")
     result = run("import-mergekit", "recipe.yml", "--output-path", "merged")
     assert result.exit_code == 0, result.output
     models = tomli.loads((tmp_path / "project.toml").read_text())["models"]

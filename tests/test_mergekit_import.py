@@ -325,7 +325,8 @@ def test_tokenizer_source_becomes_the_tokenizer_table(tmp_path, llama_family, mo
      "    residual_weight: 0.5\n",
      "slices[0].residual_weight: no mixcli equivalent; remove it or translate it by hand"),
     ("merge_method: linear\nmodels:\n  - model: {model: {path: a}, lora: {path: l, revision: x}}\n",
-     "models[0].model.lora must be {path: ...} (an adapter revision cannot be translated"),
+     "models[0].model.lora must be {path: ...} (an adapter revision cannot be translated: download the "
+     "adapter and give its folder)"),
     ("merge_method: linear\nmodels:\n  - model: a+loras/a+loras/b\n    parameters: {weight: 1}\n",
      "models[0].model: 'a+loras/a+loras/b' must be 'model+lora' with one '+'"),
     ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, densty: 0.5}\n",
