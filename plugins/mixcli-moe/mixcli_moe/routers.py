@@ -157,9 +157,12 @@ def compute(mode: str, base_ckpt, tokenizer, positive, negative, layers: int, dt
     import torch
 
     if mode == "cheap_embed":
-        embeddings = base_ckpt.tensor("model.embed_tokens.weight")
+        from mixcli.architecture import layout_of
+
+        name = next(n for n in layout_of(base_ckpt.config).embeddings if n in base_ckpt.tensors)
+        embeddings = base_ckpt.tensor(name)
         routers = cheap_embed_routers(embeddings, tokenizer, positive, negative, layers)
-        base_ckpt.release("model.embed_tokens.weight")
+        base_ckpt.release(name)
         return {"residual": routers}
     import transformers
 
