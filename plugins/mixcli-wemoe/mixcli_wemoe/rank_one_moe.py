@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from mixcli import MixcliError, Upscaler, param
 
+from mixcli.svd import truncated_svd, working
+
 from .we_moe import ADAPT_SECTION, block_kinds
 from .we_moe import Params as WEMoEParams
 
@@ -76,11 +78,12 @@ def _experts(svd_device: str, cache: SVDCache | None = None):
                 if not bool(delta.abs().max() > 0):
                     raise MixcliError(f"rank_one_moe: model '{m}' does not change '{key}' (all-zero "
                                       "task vector): expert not trained")
-                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-                r = min(k, s.numel())
+                # numerically zero components come back as zeros, not arbitrary vectors
+                u, s, vh = truncated_svd(working(delta), k)
+                r = s.numel()
                 pad = k - r  # fewer components than rank_k: zero experts keep the pool size
-                us.append(torch.nn.functional.pad((u[:, :r] * s[:r]).T, (0, 0, 0, pad)).cpu())
-                vs.append(torch.nn.functional.pad(vh[:r], (0, 0, 0, pad)).cpu())
+                us.append(torch.nn.functional.pad((u * s).T, (0, 0, 0, pad)).cpu())
+                vs.append(torch.nn.functional.pad(vh, (0, 0, 0, pad)).cpu())
             return torch.cat(us), torch.cat(vs)
 
         count = len(names) * k
