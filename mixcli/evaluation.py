@@ -52,6 +52,7 @@ def run_evaluator(evaluator, model_path: Path, settings: dict, where: str, model
     from .plugins import register_architectures
 
     register_architectures()
+    check_model_folder(Path(model_path))
     check_architecture(Path(model_path))
     from .progress import quiet_libraries
 
@@ -62,6 +63,79 @@ def run_evaluator(evaluator, model_path: Path, settings: dict, where: str, model
     if not isinstance(metrics, dict):
         raise RuntimeError(f"evaluator '{evaluator.name}' returned {type(metrics).__name__}, not a dict")
     return metrics
+
+
+def check_model_folder(model_path: Path) -> dict:
+    """A folder an evaluator can measure: a config.json naming a model_type, and weights beside
+    it. Returns the config; one-line errors otherwise."""
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise MixcliError(f"{model_path}: not a model folder (no config.json); give a folder written by "
+                          "save_pretrained or mixcli merge")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise MixcliError(f"{config_file}: cannot be read as JSON ({error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise MixcliError(f"{config_file}: no model_type, so it is not the config of a transformers model")
+    if not any(model_path.glob("*.safetensors")) and not any(model_path.glob("pytorch_model*.bin")):
+        raise MixcliError(f"{model_path}: has a config.json but no weights (no *.safetensors or "
+                          "pytorch_model.bin); give the folder the whole model was saved to")
+    return config
+
+
+def load_model(auto_class: str, model_path: Path, **kwargs):
+    """``transformers.<auto_class>.from_pretrained(model_path, **kwargs)`` for measuring it, or a
+    one-line error: a model type that needs its own code (mixcli never runs it), anything
+    transformers refuses, and any weight the model needs that the folder lacks, since
+    transformers would initialise it randomly and the score would measure noise."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    config = check_model_folder(model_path)
+    model_type = config["model_type"]
+    if model_type not in transformers.CONFIG_MAPPING:
+        if config.get("auto_map"):
+            raise MixcliError(f"{model_path}: model type '{model_type}' needs the Python code shipped with the "
+                              "model (auto_map in config.json), which mixcli does not run; use a model of a "
+                              "transformers architecture or a mixcli plugin that provides this one")
+        raise MixcliError(f"{model_path}: transformers {transformers.__version__} does not know model type "
+                          f"'{model_type}'; install a mixcli plugin or a transformers version that provides it")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would precede our own, clearer error
+    try:
+        model, info = getattr(transformers, auto_class).from_pretrained(model_path, output_loading_info=True,
+                                                                        **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "Unrecognized configuration class" in reason:
+            raise MixcliError(f"{model_path}: a '{model_type}' model has no {auto_class} class, which this "
+                              "evaluator needs; evaluate it with an evaluator for its kind of model") from None
+        raise MixcliError(f"{model_path}: transformers cannot load it as {auto_class} ({reason})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        names = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        hint = "save the model with them"
+        if all(name.startswith("pooler.") for name in missing):
+            hint = ("it was saved without its pooler (add_pooling_layer=False) but the heads read the pooler "
+                    "output: save the backbone with its pooler")
+        raise MixcliError(f"{model_path}: {len(missing)} weight(s) of {type(model).__name__} are not in the "
+                          f"saved model and would be randomly initialised ({names}); {hint}")
+    return model
+
+
+def load_tokenizer(model_path: Path):
+    """The tokenizer saved beside a model, or a one-line error."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MixcliError(f"{model_path}: no usable tokenizer ({reason}); copy the tokenizer files of the "
+                          "model into it") from None
 
 
 def check_architecture(model_path: Path) -> None:

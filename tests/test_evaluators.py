@@ -133,3 +133,79 @@ evaluator = "perplexty"
     missing = CliRunner().invoke(cli, ["eval", str(uniform_llama), "--evaluator", "perplexity",
                                        "--param", "data='nope.txt'"])
     assert missing.exit_code == 1 and "data file" in missing.output and "does not exist" in missing.output
+
+
+def vit_task(folder, hidden=16):
+    folder.mkdir()
+    save_file({"weight": torch.zeros(3, hidden), "bias": torch.tensor([0.0, 0.0, 1.0])}, folder / "head.safetensors")
+    (folder / "test.jsonl").write_text(json.dumps({"pixel_values": [[0.5] * 8] * 8, "label": 2}) + "\n")
+    (folder / "task.json").write_text(json.dumps({"task": folder.name, "data": "test.jsonl"}))
+    return folder
+
+
+def eval_cli(*args):
+    result = CliRunner().invoke(cli, ["eval", *[str(a) for a in args]])
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_classification_refuses_a_vit_saved_without_its_pooler(tmp_path):
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "nopool")
+    task = vit_task(tmp_path / "task")
+    result = eval_cli(tmp_path / "nopool", "--evaluator", "classification", "--param", f'tasks=["{task}"]')
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {tmp_path / 'nopool'}: 2 weight(s) of ViTModel are not in the saved model and would be "
+        "randomly initialised (pooler.dense.bias, pooler.dense.weight); it was saved without its pooler "
+        "(add_pooling_layer=False) but the heads read the pooler output: save the backbone with its pooler")
+    assert not (tmp_path / "nopool.eval.json").exists()
+    # the same backbone with its pooler is scored
+    transformers.ViTModel(config).save_pretrained(tmp_path / "pooled")
+    assert evaluate("classification", tmp_path / "pooled", tasks=[str(task)]) == {"task": 1.0, "mean": 1.0}
+
+
+def test_eval_of_what_is_not_a_loadable_model_is_one_line(tmp_path, uniform_llama):
+    (tmp_path / "text.txt").write_text("hello\n")
+    data = f"data={json.dumps(str(tmp_path / 'text.txt'))}"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    config_only = tmp_path / "config_only"
+    transformers.AutoConfig.from_pretrained(uniform_llama).save_pretrained(config_only)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"model_type": "fancy_lm", "auto_map": {
+        "AutoConfig": "configuration_fancy.FancyConfig", "AutoModelForCausalLM": "modeling_fancy.FancyLM"}}))
+    save_file({"w": torch.zeros(2)}, remote / "model.safetensors")
+    cases = [
+        (tmp_path / "notes", "perplexity", f"{tmp_path / 'notes'}: not a model folder (no config.json); give a "
+                                           "folder written by save_pretrained or mixcli merge"),
+        (config_only, "perplexity", f"{config_only}: has a config.json but no weights (no *.safetensors or "
+                                    "pytorch_model.bin); give the folder the whole model was saved to"),
+        (remote, "perplexity", f"{remote}: model type 'fancy_lm' needs the Python code shipped with the model "
+                               "(auto_map in config.json), which mixcli does not run; use a model of a "
+                               "transformers architecture or a mixcli plugin that provides this one"),
+        (config_only, "parameters", f"{config_only}: has a config.json but no weights (no *.safetensors or "
+                                    "pytorch_model.bin); give the folder the whole model was saved to"),
+    ]
+    for folder, evaluator, message in cases:
+        result = eval_cli(folder, "--evaluator", evaluator, "--param", data) if evaluator == "perplexity" \
+            else eval_cli(folder, "--evaluator", evaluator)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip() == f"Error: {message}"
+
+
+def test_classification_task_mistakes_are_one_line(tmp_path):
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config).save_pretrained(tmp_path / "vit")
+    wide = vit_task(tmp_path / "wide", hidden=24)
+    result = eval_cli(tmp_path / "vit", "--evaluator", "classification", "--param", f'tasks=["{wide}"]')
+    assert result.exit_code == 1 and result.output.strip() == (
+        "Error: classification: task 'wide': head weight [3, 24] and bias [3] do not fit the model's hidden size 16")
+    broken = vit_task(tmp_path / "broken")
+    (broken / "task.json").write_text("{not json")
+    result = eval_cli(tmp_path / "vit", "--evaluator", "classification", "--param", f'tasks=["{broken}"]')
+    assert result.exit_code == 1 and result.output.startswith(
+        f"Error: classification: {broken / 'task.json'} cannot be read as JSON")

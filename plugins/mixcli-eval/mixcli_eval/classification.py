@@ -50,9 +50,20 @@ def read_task(folder: Path, max_samples: int):
 
     from mixcli.datafiles import column, load_rows
 
-    info = json.loads((folder / "task.json").read_text())
-    head = load_file(folder / "head.safetensors")
+    try:
+        info = json.loads((folder / "task.json").read_text())
+    except (OSError, ValueError) as error:
+        raise MixcliError(f"classification: {folder / 'task.json'} cannot be read as JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise MixcliError(f"classification: {folder / 'task.json'} must hold a JSON object")
     where = f"classification: task '{info.get('task', folder.name)}'"
+    try:
+        head = load_file(folder / "head.safetensors")
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise MixcliError(f"{where}: {folder / 'head.safetensors'} cannot be read ({error})") from None
+    if "weight" not in head or "bias" not in head:
+        raise MixcliError(f"{where}: {folder / 'head.safetensors'} must hold 'weight' [labels, hidden] and "
+                          f"'bias' [labels], got {sorted(head)}")
     data = info.get("data")
     if isinstance(data, dict):
         data = data.get("test")
@@ -70,18 +81,24 @@ def read_task(folder: Path, max_samples: int):
 
 
 def evaluate(context) -> dict:
-    import transformers
-
+    from mixcli.evaluation import load_model
     from mixcli_eval.metrics import classification_accuracy
 
     p = context.params
-    backbone = transformers.AutoModel.from_pretrained(context.model_path).to(context.device).eval()
+    backbone = load_model("AutoModel", context.model_path).to(context.device).eval()
     config = backbone.config
     shape = (getattr(config, "num_channels", 1), getattr(config, "image_size", 8), getattr(config, "image_size", 8))
     scores = {}
     tasks = [read_task(folder, p["max_samples"]) for folder in task_folders(context)]
     with context.progress(sum(len(task[4]) for task in tasks), "images") as bar:
         for name, weight, bias, images, labels in tasks:
+            hidden = getattr(config, "hidden_size", weight.shape[-1])
+            if weight.dim() != 2 or weight.shape[1] != hidden or bias.shape != weight.shape[:1]:
+                raise MixcliError(f"classification: task '{name}': head weight {list(weight.shape)} and bias "
+                                  f"{list(bias.shape)} do not fit the model's hidden size {hidden}")
+            if len(images) and images[0].numel() != shape[0] * shape[1] * shape[2]:
+                raise MixcliError(f"classification: task '{name}': images have {images[0].numel()} values, the "
+                                  f"model takes {shape[0]}x{shape[1]}x{shape[2]}")
             images = images.reshape(len(images), *shape)
             scores[name] = classification_accuracy(backbone, weight, bias, images, labels,
                                                    batch_size=p["batch_size"], advance=bar.advance)

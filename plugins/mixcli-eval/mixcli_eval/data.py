@@ -8,10 +8,11 @@ from pathlib import Path
 
 def load_causal_lm(folder: Path, dtype: str, device: str):
     import torch
-    import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    from mixcli.evaluation import load_model, load_tokenizer
+
+    model = load_model("AutoModelForCausalLM", folder, dtype=getattr(torch, dtype))
+    tokenizer = load_tokenizer(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
