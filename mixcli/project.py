@@ -105,6 +105,19 @@ def _table(value: Any, where: str) -> dict:
     return value
 
 
+def _tables(value: Any, where: str, header: str) -> list:
+    """An array of tables (``[[header]]``), or a one-line error naming the key."""
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        shown = "a table" if isinstance(value, dict) else repr(value)
+        raise MixcliError(f"{where} must be a list of [[{header}]] tables, got {shown}; write each entry "
+                          f"under its own [[{header}]] header")
+    return value
+
+
+def _optional_str(value: Any, where: str) -> str | None:
+    return None if value is None else _str(value, where)
+
+
 def _split(table: dict, reserved: tuple, where: str) -> dict:
     """The keys of ``table`` that are not reserved: method parameters, checked later."""
     return {k: v for k, v in table.items() if k not in reserved}
@@ -192,7 +205,8 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         path, lora = model_and_lora(entry, project_dir, where)
         models[key] = ModelRef(
             name=key, path=path, project_dir=project_dir, where=where,
-            revision=entry.get("revision"), loader=entry.get("loader"),
+            revision=_optional_str(entry.get("revision"), f"{where} revision"),
+            loader=_optional_str(entry.get("loader"), f"{where} loader"),
             params=_split(entry, MODEL_KEYS, where), lora=lora)
     if not models:
         raise MixcliError(f"{name}: [models] is empty; list the models to merge, e.g. base = \"models/base\"")
@@ -214,7 +228,8 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         raise MixcliError(f"{name}: [method] seed must be a non-negative integer, got {seed!r}")
 
     overrides = []
-    for i, entry in enumerate(method.get("overrides", [])):
+    for i, entry in enumerate(_tables(method.get("overrides", []), f"{name}: [method] overrides",
+                                      "method.overrides")):
         where = f"{name}: [[method.overrides]] #{i + 1}"
         entry = _table(entry, where)
         if "match" not in entry:
@@ -270,7 +285,7 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         raise MixcliError(f"{name}: [output] copy_tokenizer must be true or false")
 
     evaluations = []
-    for i, entry in enumerate(data.get("evaluation", [])):
+    for i, entry in enumerate(_tables(data.get("evaluation", []), f"{name}: evaluation", "evaluation")):
         where = f"{name}: [[evaluation]] #{i + 1}"
         entry = _table(entry, where)
         if "evaluator" not in entry:

@@ -70,6 +70,19 @@ def test_toml_syntax_error_gives_line_and_column(tmp_path):
     ("[models]\na='x'\n[method]\nname='linear'\ndtype='fp8'\n", ["[method] dtype must be one of"]),
     ("[models]\na='x'\n[method]\nname='linear'\nseed=-1\n", ["seed must be a non-negative integer"]),
     ("[models]\na='x'\n[method]\nname='linear'\n[output]\nshard_size='big'\n", ["cannot read size 'big'"]),
+    ("[models]\na='x'\n[method]\nname='linear'\n[evaluation]\nevaluator='perplexity'\n",
+     ["project.toml: evaluation must be a list of [[evaluation]] tables, got a table; write each entry under "
+      "its own [[evaluation]] header"]),
+    ("evaluation = 'perplexity'\n[models]\na='x'\n[method]\nname='linear'\n",
+     ["project.toml: evaluation must be a list of [[evaluation]] tables, got 'perplexity'"]),
+    ("[models]\na='x'\n[method]\nname='linear'\noverrides = 3\n",
+     ["project.toml: [method] overrides must be a list of [[method.overrides]] tables, got 3"]),
+    ("[models]\na='x'\n[method]\nname='linear'\n[method.overrides]\nmatch='mlp'\n",
+     ["project.toml: [method] overrides must be a list of [[method.overrides]] tables, got a table"]),
+    ("[models]\na={path='x', loader=1}\n[method]\nname='linear'\n",
+     ["project.toml: [models.a] loader must be a non-empty string"]),
+    ("[models]\na={path='x', revision=['main']}\n[method]\nname='linear'\n",
+     ["project.toml: [models.a] revision must be a non-empty string"]),
 ])
 def test_structural_mistakes(tmp_path, text, fragments):
     assert_one_line_error(run("merge", write_project(tmp_path, text)), "project.toml", *fragments)
