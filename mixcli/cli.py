@@ -312,30 +312,69 @@ def _component_rows(registry) -> list[dict]:
 
 
 @cli.command("list-methods")
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_methods(as_json):
-    """Every method and evaluator the installed plugins provide."""
+def list_methods(name, as_json):
+    """Every method and evaluator the installed plugins provide; with NAME, its parameters."""
     from .plugins import get_registry
 
     registry = get_registry()
     rows = _component_rows(registry)
+    if name is not None:
+        row = next((r for r in rows if r["name"] == name), None)
+        if row is None:
+            from .errors import closest
+
+            raise MixcliError(f"unknown method or evaluator '{name}'{closest(name, [r['name'] for r in rows])}; "
+                              "`mixcli list-methods` shows them all")
+        if as_json:
+            click.echo(json.dumps(row, indent=2))
+            return
+        _print_component(row, registry)
+        return
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     _warn_broken_plugins(registry)
-    from rich.table import Table
+    from rich.markup import escape
 
-    table = Table(title="mixcli methods", show_lines=True)
-    for column in ("method", "kind", "package", "parameters"):
-        table.add_column(column, overflow="fold")
+    console = _console()
+    columns = ("name", "kind", "package")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    room = max(20, console.width - sum(widths.values()) - 2 * len(columns))  # one line per method
+
+    def line(values: dict) -> str:
+        summary = values["summary"]
+        if len(summary) > room:
+            summary = summary[:room - 1] + "…"
+        return "  ".join(values[c].ljust(widths[c]) for c in columns) + "  " + summary
+
+    console.print(f"[bold]{escape(line({c: c for c in (*columns, 'summary')}))}[/]", soft_wrap=True)
     for row in rows:
-        params = "\n".join(
-            f"[bold]{p['name']}[/]{' (per model)' if p['per_model'] else ''} = "
-            f"{'[red]required[/]' if p['required'] else json.dumps(p['default'])}: {p['help']}"
-            for p in row["parameters"]) or "-"
-        table.add_row(f"[bold]{row['name']}[/]\n{row['summary']}", row["kind"],
-                      f"{row['package']} {row['version']}", params)
-    _console().print(table)
+        console.print(escape(line(row)), soft_wrap=True)
+    console.print("`mixcli list-methods NAME` shows one's parameters, defaults and ranges.", soft_wrap=True)
+
+
+def _print_component(row: dict, registry) -> None:
+    """One method or evaluator: what it is, then each parameter with its type, default, range
+    and meaning (lines, not a table, so that the meanings stay readable at 80 columns)."""
+    from rich.markup import escape
+    from rich.padding import Padding
+
+    component = registry.methods.get(row["name"]) or registry.evaluators[row["name"]]
+    console = _console()
+    console.print(f"[bold]{row['name']}[/] ({row['kind']}, {row['package']} {row['version']}): "
+                  f"{escape(row['summary'])}")
+    specs = list(component.param_specs.values())
+    if not specs:
+        console.print("no parameters")
+    for spec in specs:
+        facts = [spec.describe_type() + (" per model" if spec.per_model else ""),
+                 "[red]required[/]" if spec.required else f"default {escape(json.dumps(spec.default))}"]
+        if spec.describe_range():
+            facts.append(escape(spec.describe_range()))
+        console.print(Padding(f"[bold]{spec.name}[/]  {', '.join(facts)}", (0, 0, 0, 2), expand=False))
+        console.print(Padding(escape(spec.help), (0, 0, 0, 6), expand=False))
 
 
 @cli.command("plugins")

@@ -50,7 +50,69 @@ def test_list_methods_shows_the_plugin_methods_with_their_package(site):
     assert rows["example_repeat_layers"]["kind"] == "upscale"
     assert rows["example_tensor_count"]["kind"] == "evaluator"
     table = mixcli(site, "list-methods").stdout
-    assert "example_scale" in table and "mixcli-example-plugin 0.1.0" in table
+    assert any(line.split()[:3] == ["example_scale", "merge", "mixcli-example-plugin"] for line in table.splitlines())
+    details = mixcli(site, "list-methods", "example_scale").stdout
+    assert details.startswith("example_scale (merge, mixcli-example-plugin 0.1.0): ")
+
+
+def at_80_columns(site, *args):
+    """Run mixcli on a pseudo-terminal 80 columns wide; its output."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "mixcli", *args], stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the other end closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait() == 0
+    os.close(master)
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", b"".join(chunks).decode()).replace("\r", "")
+
+
+def test_list_methods_is_one_line_per_method_at_80_columns(site):
+    rows = json.loads(mixcli(site, "list-methods", "--json").stdout)
+    lines = [line for line in at_80_columns(site, "list-methods").splitlines()
+             if line.strip() and not line.startswith("warning:")]  # the broken plugin's, on stderr
+    assert max(len(line) for line in lines) <= 80
+    assert lines[0].split() == ["name", "kind", "package", "summary"]
+    body = [line for line in lines[1:] if not line.startswith("`")]
+    assert [line.split()[:3] for line in body] == [[r["name"], r["kind"], r["package"]] for r in rows]
+    slerp = next(line for line in body if line.startswith("slerp "))
+    assert "Spherical interp" in slerp  # the summary, cut to fit
+
+
+def test_list_methods_name_shows_each_parameter_with_default_range_and_meaning(site):
+    text = mixcli(site, "list-methods", "slerp").stdout
+    assert text.splitlines() == [
+        "slerp (merge, mixcli-merge 0.1.0): Spherical interpolation between the base and one other model",
+        "  t  float, required, [0.0, 1.0] unless extrapolate = true",
+        "      interpolation factor: 0 = base model, 1 = the other model",
+        "  extrapolate  bool, default false",
+        "      allow t outside [0, 1], past either model (mergekit accepts any t without a word)",
+    ]
+    ties = mixcli(site, "list-methods", "ties").stdout
+    assert "  density  float per model, default 1.0, [0.0, 1.0]" in ties.splitlines()
+    assert json.loads(mixcli(site, "list-methods", "ties", "--json").stdout)["parameters"][1]["name"] == "density"
+    assert max(len(line) for line in at_80_columns(site, "list-methods", "moe_merge").splitlines()
+               if not line.startswith("warning:")) <= 80
+    wrong = mixcli(site, "list-methods", "slrp", check=False)
+    assert wrong.returncode == 1 and wrong.stderr.strip() == (
+        "Error: unknown method or evaluator 'slrp' (did you mean 'slerp'?); `mixcli list-methods` shows them all")
 
 
 def test_a_plugin_that_fails_to_import_is_a_warning_not_a_failure(site):
@@ -171,8 +233,9 @@ def test_register_architectures_reaches_transformers_auto_classes(site):
     assert out.stdout.split() == ["ExampleConfig", "ExampleModel"]
 
 
-def test_help_and_list_methods_do_not_import_torch(site):
-    code = ("import sys, runpy; sys.argv = ['mixcli', 'list-methods', '--json'];\n"
+@pytest.mark.parametrize("args", [["list-methods", "--json"], ["list-methods"], ["list-methods", "ties"]])
+def test_help_and_list_methods_do_not_import_torch(site, args):
+    code = (f"import sys, runpy; sys.argv = ['mixcli', *{args!r}];\n"
             "try:\n    runpy.run_module('mixcli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
