@@ -341,7 +341,7 @@ def list_methods(name, as_json):
     console = _console()
     columns = ("name", "kind", "package")
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-    room = max(20, console.width - sum(widths.values()) - 2 * len(columns))  # one line per method
+    room = max(10, console.width - sum(widths.values()) - 2 * len(columns))  # one line per method
 
     def line(values: dict) -> str:
         summary = values["summary"]
