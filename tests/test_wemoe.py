@@ -237,7 +237,7 @@ def test_ddp_two_processes_equal_one(family, tmp_path):
     run("adapt", path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "mixcli", "adapt", str(path), "--out", str(tmp_path / "two")],
+                           "--standalone", "-m", "mixcli", "adapt", str(path), "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = load_file(tmp_path / "one/model.safetensors"), load_file(tmp_path / "two/model.safetensors")
@@ -250,7 +250,7 @@ def test_pwe_batch_not_divisible_by_processes_fails(family, tmp_path):
     path = project(tmp_path, family, "pwe_moe", adapt="max_steps = 1\nbatch_size = 3")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29518", "-m", "mixcli", "adapt", str(path), "--out", str(tmp_path / "two")],
+                           "--standalone", "-m", "mixcli", "adapt", str(path), "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode != 0
     assert ("Error: [adapt] batch_size 3 is not divisible by the 2 processes; set it to a multiple of 2"
