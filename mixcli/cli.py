@@ -534,7 +534,10 @@ def import_mergekit(config, out, output_path, force):
     check(read_project(out, text), registry)  # what mixcli reads back: the structure and every parameter
     if out.exists() and not force:
         raise MixcliError(f"{out} already exists; pass --force to overwrite it")
-    out.write_text(text)
+    try:
+        out.write_text(text)
+    except OSError as error:
+        raise MixcliError(f"{out}: cannot write the project ({error.strerror or error})") from None
     _console().print(f"[green]wrote[/] {out} from {config}: check it with `mixcli validate {out}`", soft_wrap=True)
 
 

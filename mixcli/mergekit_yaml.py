@@ -141,7 +141,26 @@ def _parameters(value: Any, specs: dict, method: str, where: str, key: str, per_
             raise MixcliError(f"{where}: {key}.{name}: '{name}' is shared by all models (mergekit ignores it "
                               "here); move it to the top-level or the slice's parameters")
         _check_value(setting, where, f"{key}.{name}")
+        params[name] = _numbers(setting, spec.type)
     return dict(params)
+
+
+def _numbers(setting: Any, kind: type) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string, which mergekit's pydantic takes as a number: so do
+    we, for numeric parameters, in scalars, gradients and filtered values alike."""
+    if kind not in (float, int):
+        return setting
+    if isinstance(setting, list):
+        return [_numbers(value, kind) for value in setting]
+    if isinstance(setting, dict):
+        return {k: (_numbers(v, kind) if k == "value" else v) for k, v in setting.items()}
+    if isinstance(setting, str):
+        try:
+            number = float(setting)
+        except ValueError:
+            return setting
+        return int(number) if kind is int and number.is_integer() else number
+    return setting
 
 
 def _check_value(setting: Any, where: str, key: str) -> None:
@@ -154,6 +173,8 @@ def _check_value(setting: Any, where: str, key: str) -> None:
     elif isinstance(setting, list):
         for i, value in enumerate(setting):
             _check_value(value, where, f"{key}[{i}]")
+    elif not isinstance(setting, (str, int, float)):  # YAML dates and times
+        raise MixcliError(f"{where}: {key}: {setting!r} is not a number, string or boolean")
 
 
 def _dtype(value: Any, where: str, key: str) -> str:
@@ -239,6 +260,8 @@ def translate(path: Path, registry, output: str | None = None) -> dict:
             if "model" not in entry:
                 raise MixcliError(f"{where}: {key}.model is missing")
             name = models.name(entry["model"], f"{key}.model")
+            if name in own:  # mergekit would not merge one model twice either; never guess which weight
+                raise MixcliError(f"{where}: {key}.model: {entry['model']!r} is listed twice; list each model once")
             own.setdefault(name, {}).update(_parameters(entry.get("parameters"), specs, method_name, where,
                                                         f"{key}.parameters", True))
         for name, params in own.items():

@@ -341,6 +341,11 @@ def test_tokenizer_source_becomes_the_tokenizer_table(tmp_path, llama_family, mo
      "tokenizer.tokens: no mixcli equivalent; remove it or translate it by hand"),
     ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [1, 2\n",
      None),
+    ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
+     "  - model: a\n    parameters: {weight: 2}\n",
+     "models[1].model: 'a' is listed twice; list each model once"),
+    ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 2020-01-01}\n",
+     "models[0].parameters.weight: datetime.date(2020, 1, 1) is not a number, string or boolean"),
 ])
 def test_what_cannot_be_translated_is_one_line_naming_the_key(tmp_path, recipe, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -356,3 +361,26 @@ def test_what_cannot_be_translated_is_one_line_naming_the_key(tmp_path, recipe, 
     else:
         assert line == f"Error: recipe.yml: {message}"
     assert not (tmp_path / "project.toml").exists()
+
+
+def test_yaml_numbers_written_as_strings_are_numbers(tmp_path, llama_family, monkeypatch):
+    # YAML 1.1 reads 1e-3 as a string; mergekit takes it as a number, in gradients and filters too
+    monkeypatch.chdir(tmp_path)
+    paths = {name: str(path) for name, path in llama_family.items()}
+    (tmp_path / "r.yml").write_text(
+        f"merge_method: dare_ties\nbase_model: {paths['base']}\nparameters: {{lambda: 1e-0}}\nmodels:\n"
+        f"  - model: {paths['ft1']}\n    parameters:\n      density: 5e-1\n"
+        f"      weight: [{{filter: mlp, value: [1e-1, 2e-1]}}, {{value: 1e+0}}]\n")
+    run("import-mergekit", "r.yml")
+    data = tomli.loads((tmp_path / "project.toml").read_text())
+    assert data["method"]["lambda"] == 1.0
+    assert data["models"]["ft1"]["density"] == 0.5
+    assert data["models"]["ft1"]["weight"] == [{"filter": "mlp", "value": [0.1, 0.2]}, {"value": 1.0}]
+
+
+def test_a_project_that_cannot_be_written_is_one_line(tmp_path, llama_family, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yml").write_text(f"merge_method: linear\nmodels:\n  - model: {llama_family['ft1']}\n")
+    result = run("import-mergekit", "r.yml", "--out", "missing/project.toml", code=1)
+    assert result.output.startswith("Error: missing/project.toml: cannot write the project (")
+    assert "\n" not in result.output.strip() and "Traceback" not in result.output
