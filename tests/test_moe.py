@@ -559,3 +559,21 @@ def test_router_initialisation_refuses_weights_the_config_does_not_fit(tmp_path,
                    "'model.layers.0.mlp.down_proj.weight', 'model.layers.0.mlp.gate_proj.weight', "
                    "'model.layers.0.mlp.up_proj.weight' and 9 more in a shape its config.json does not give "
                    "(transformers would initialise them randomly); re-save the complete model with save_pretrained")
+
+
+def test_prompt_routers_need_no_special_tokens(tmp_path, llama_family):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_family["base"], base)
+    tokenizer = tiny_models.tokenizer()
+    tokenizer.bos_token = tokenizer.eos_token = tokenizer.pad_token = None
+    tokenizer.save_pretrained(base)
+    for mode in ("hidden", "cheap_embed"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        project = merge_project(folder, {**llama_family, "base": base}, experts=("ft1", "ft2"), gate_mode=mode,
+                                hidden_dtype="float32")
+        run("merge", project)
+        routers = [t for n, t in tiny_models.load_tensors(folder / "out").items() if n.endswith(".mlp.gate.weight")]
+        assert routers and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in routers)

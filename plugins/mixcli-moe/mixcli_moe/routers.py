@@ -37,11 +37,11 @@ def random_draws(mode: str, groups: int, layers: int, experts: int, hidden: int,
 
 
 def prepare_tokenizer(tokenizer):
-    """Left padding, pad = BOS (EOS without BOS); returns the text prefixed to each prompt."""
+    """Left padding, pad = BOS (EOS without BOS, then the tokenizer's own pad, then token 0:
+    padded positions are masked out, so any id does); returns the text prefixed to each prompt."""
     tokenizer.padding_side = "left"
-    pad = tokenizer.bos_token or tokenizer.eos_token
-    if pad is not None:
-        tokenizer.pad_token = pad
+    tokenizer.pad_token = (tokenizer.bos_token or tokenizer.eos_token or tokenizer.pad_token
+                           or tokenizer.convert_ids_to_tokens(0))
     return tokenizer.bos_token or ""
 
 
