@@ -314,7 +314,9 @@ def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoi
         apply_to_config(plan.config, vocabulary)
         plan.extra_files.update(tokenizer_files(vocabulary))
         plan.own_tokenizer = True
-        plan.notes += vocabulary.summary() + [f"warning: {w}" for w in vocabulary.warnings]
+        plan.notes += vocabulary.summary()
+        for message in vocabulary.warnings:  # shown with the plan's other warnings, errors under --strict
+            plan.warnings.add(message)
     return plan
 
 
