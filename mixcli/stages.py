@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,14 @@ def read_stages(path: Path) -> list[Stage]:
             raise MixcliError(f"{where}: [stage.output] path must be a non-empty string")
         file = folder / f"{path.stem}.{stage_name}.toml"
         stages[stage_name] = Stage(stage_name, table, [], out_path, file, where)
+    writers: dict[Path, str] = {}
+    for stage in stages.values():
+        out = Path(stage.output).expanduser()
+        out = Path(os.path.normpath(out if out.is_absolute() else folder / out))
+        if out in writers:  # the later one would replace the earlier's output, and every run rebuild both
+            raise MixcliError(f"{stage.where}: output {stage.output} is also the output of stage '{writers[out]}'; "
+                              "give each stage its own [stage.output] path")
+        writers[out] = stage.name
     for stage in stages.values():
         _resolve_references(stage, stages)
     order = _order(stages, name)

@@ -145,6 +145,9 @@ def test_dry_run_and_validate_show_the_graph_and_write_nothing(tmp_path, llama_f
      "multi.toml: top-level 'models' is not allowed in a multi-stage project; put it inside a [[stage]] table"),
     (lambda text: text.replace('name = "mid"', 'name = "a/b"'),
      "multi.toml: [[stage]] #2: name must be a string of letters, digits, '_', '.' or '-', got 'a/b'"),
+    (lambda text: text + '[stage.output]\npath = "./out//final"\n',  # the same folder, spelled otherwise
+     "multi.toml: [[stage]] 'mid': output ./out//final is also the output of stage 'final'; "
+     "give each stage its own [stage.output] path"),
 ])
 def test_graph_mistakes_are_one_line_before_anything_is_read(tmp_path, llama_family, edit, message):
     project = write_project(tmp_path, edit(two_stages(llama_family)), "multi.toml")
