@@ -222,3 +222,19 @@ def test_existing_output_and_bad_options_are_one_line_errors(tmp_path, llama_fam
 def test_extract_lora_command_is_registered():
     result = CliRunner().invoke(cli, ["--help"])
     assert "extract-lora" in result.output
+
+
+def test_a_model_plus_adapter_input_gives_back_the_adapters_change(tmp_path, llama_family):
+    from lora_helpers import make_adapter
+
+    base = llama_family["base"]
+    adapter = make_adapter(base, tmp_path / "lora", target_modules=["q_proj", "v_proj"])  # r 4, alpha 8
+    result = extract("--base", base, "--model", f"{base}+{adapter}", "--out", tmp_path / "again", "--max-rank", 8)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and len(config["target_modules"]) == 8 and config["modules_to_save"] is None
+    assert reported_total(result.output) < 1e-5  # the change is rank 4: rank 8 holds it all
+    ours = peft_merged(base, tmp_path / "again").state_dict()
+    theirs = peft_merged(base, adapter).state_dict()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6)
