@@ -199,7 +199,9 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         where = f"{name}: [models.{key}]"
         if isinstance(entry, str):
             entry = {"path": entry}
-        entry = _table(entry, where)
+        if not isinstance(entry, dict):
+            raise MixcliError(f"{where} must be a path (\"models/x\") or a table ({{ path = \"models/x\", ... }}), "
+                              f"got {entry!r}")
         if "path" not in entry:
             raise MixcliError(f"{where}: 'path' is missing; give a local folder or a Hub id")
         path, lora = model_and_lora(entry, project_dir, where)

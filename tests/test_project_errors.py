@@ -79,6 +79,8 @@ def test_toml_syntax_error_gives_line_and_column(tmp_path):
      ["project.toml: [method] overrides must be a list of [[method.overrides]] tables, got 3"]),
     ("[models]\na='x'\n[method]\nname='linear'\n[method.overrides]\nmatch='mlp'\n",
      ["project.toml: [method] overrides must be a list of [[method.overrides]] tables, got a table"]),
+    ("[models]\na=3\n[method]\nname='linear'\n",
+     ['project.toml: [models.a] must be a path ("models/x") or a table ({ path = "models/x", ... }), got 3']),
     ("[models]\na={path='x', loader=1}\n[method]\nname='linear'\n",
      ["project.toml: [models.a] loader must be a non-empty string"]),
     ("[models]\na={path='x', revision=['main']}\n[method]\nname='linear'\n",
