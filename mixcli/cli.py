@@ -177,6 +177,7 @@ def _print_plan(plan: dict, target) -> None:
         table.add_row(f"model {name}", path + "".join(f"\n  {key} = {_shown(value)}" for key, value in own.items()))
     table.add_row("parameters", "\n".join(f"{key} = {_shown(value)}" for key, value in plan["parameters"].items())
                   or "-")
+    table.add_row("settings", "\n".join(f"{key} = {value}" for key, value in plan.get("settings", {}).items()))
     table.add_row("tensors", str(plan["tensors"]))
     table.add_row("layers", str(plan["layers"]))
     table.add_row("input read", _gb(plan["input_bytes"]))

@@ -230,6 +230,22 @@ def resolved_parameters(prepared: Prepared) -> tuple[dict, dict]:
             {m: {k: _summary(v) for k, v in values.items()} for m, values in per_model.items()})
 
 
+def _settings(prepared: Prepared, plans: list) -> dict:
+    """The [method] / [output] settings that decide the written bytes besides the parameters."""
+    project = prepared.project
+    settings = {"seed": project.seed} if getattr(prepared.method, "random", False) else {}
+    for key, value in (("dtype", project.dtype), ("compute_dtype", project.compute_dtype)):
+        if value:
+            settings[key] = value
+    from .plan import output_dtype_name
+
+    floats = ("F64", "F32", "F16", "BF16")  # integer buffers keep their safetensors code
+    written = sorted({output_dtype_name(t.dtype) if t.dtype in floats else t.dtype
+                      for plan in plans for t in plan.tensors})
+    settings["written dtype"] = ", ".join(written) if written else "-"
+    return settings
+
+
 def describe(prepared: Prepared, workers: int) -> dict:
     """The plan in numbers, for --dry-run and validate."""
     plans = list(prepared.plans.values())
@@ -241,6 +257,7 @@ def describe(prepared: Prepared, workers: int) -> dict:
         "base": prepared.project.base,
         "parameters": shared,
         "model_parameters": per_model,
+        "settings": _settings(prepared, plans),
         "outputs": [name or "." for name in prepared.plans],
         "tensors": sum(len(plan.tensors) for plan in plans),
         "input_bytes": sum(plan.input_bytes for plan in plans),

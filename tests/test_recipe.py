@@ -89,7 +89,8 @@ def test_dry_run_lists_every_resolved_parameter_per_model_and_warns_on_an_existi
     text = result.output
     for line in ("model a", "weight = 0.7", "density = 0.5", "weight = 0.3",
                  "density = 0.2..0.9 (varies by tensor)", "lambda = 0.9..1.1 (varies by tensor)",
-                 "normalize = false", "rescale = true", "int8_mask = false"):
+                 "normalize = false", "rescale = true", "int8_mask = false",
+                 "seed = 7", "written dtype = bfloat16"):  # DARE's seed and the output dtype decide the bytes too
         assert line in text, line
     assert "already exists" not in text
     (project.parent / "out").mkdir()
