@@ -4,7 +4,7 @@ tensor to the method's SVD rule or to the plain mean, and the final ``W0 + c·Δ
 from __future__ import annotations
 
 from mixcli import param
-from mixcli.svd import working
+from mixcli.svd import polar, working
 
 from ._torch import torch
 
@@ -41,6 +41,18 @@ def mean(taus):
     for tau in taus:
         total += tau
     return total / len(taus)
+
+
+def orthogonalised(blocks: list, like, flat: bool):
+    """The retained ``(U, σ, Vᵀ)`` blocks stacked, their bases made orthogonal (polar factors)
+    and multiplied back: ``polar(Û) diag(ŝ) polar(V̂ᵀ)``, or ``mean(ŝ) polar(Û) polar(V̂ᵀ)``
+    with ``flat``. No blocks left (zero task vectors): zeros like ``like``."""
+    values = torch.cat([s for _, s, _ in blocks])
+    if values.numel() == 0:
+        return torch.zeros_like(like)
+    u = polar(torch.cat([u for u, _, _ in blocks], dim=1))
+    vh = polar(torch.cat([vh for _, _, vh in blocks], dim=0))
+    return values.mean() * (u @ vh) if flat else (u * values) @ vh
 
 
 def finish(base, delta, coefficient: float):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 
 from mixcli import MergeMethod, MixcliError, param
-from mixcli.svd import kept, polar, thin_svd, truncated_svd
+from mixcli.svd import kept, thin_svd, truncated_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean, task_vectors,
-                        working_memory)
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean, orthogonalised,
+                        task_vectors, working_memory)
 from ._torch import torch
 
 
@@ -45,12 +45,7 @@ def iso_cts_delta(taus: list, common: int, per_task: int):
             residual = tau - u_c @ (u_c.T @ tau)  # the common left subspace removed
             blocks.append(kept(*truncated_svd(residual, per_task, reference)))
     blocks.append(kept(u_c, s_c, vh_c))
-    values = torch.cat([b[1] for b in blocks])
-    if values.numel() == 0:
-        return torch.zeros_like(total)
-    basis_u = torch.cat([b[0] for b in blocks], dim=1)
-    basis_v = torch.cat([b[2] for b in blocks], dim=0)
-    return values.mean() * (polar(basis_u) @ polar(basis_v))
+    return orthogonalised(blocks, total, flat=True)
 
 
 def iso_cts(tensors, base, *, scaling_factor=1.0, common_space_fraction=0.8, exclude_keys=(),

@@ -8,10 +8,10 @@ import dataclasses
 
 from mixcli import MergeMethod, param
 from mixcli.errors import warn
-from mixcli.svd import kept, polar, rank_per_task, truncated_svd
+from mixcli.svd import kept, rank_per_task, truncated_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean, task_vectors,
-                        working_memory)
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean, orthogonalised,
+                        task_vectors, working_memory)
 from ._torch import torch
 
 
@@ -27,13 +27,7 @@ class Params:
 def tsv_delta(taus: list, k: int):
     """``polar(Û) diag(ŝ) polar(V̂ᵀ)`` from each task vector's top-``k`` components;
     components a task does not have (zero or low rank) are left out, not invented."""
-    blocks = [kept(*truncated_svd(tau, k)) for tau in taus]
-    values = torch.cat([s for _, s, _ in blocks])
-    if values.numel() == 0:
-        return torch.zeros_like(taus[0])
-    u = torch.cat([u for u, _, _ in blocks], dim=1)
-    vh = torch.cat([vh for _, _, vh in blocks], dim=0)
-    return (polar(u) * values) @ polar(vh)
+    return orthogonalised([kept(*truncated_svd(tau, k)) for tau in taus], taus[0], flat=False)
 
 
 def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompose=True, name=None):
