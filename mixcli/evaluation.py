@@ -43,6 +43,9 @@ def resolve_params(evaluator, settings: dict, where: str) -> dict:
                               f"{closest(key, specs)}")
         settings[key] = check_setting(specs[key], setting, where)
     for key, spec in specs.items():
+        if spec.required and key not in settings:
+            raise MixcliError(f"{where}: evaluator '{evaluator.name}' needs '{key}' ({spec.help}); "
+                              f"give it with --param {key}=VALUE")
         params[spec.field] = resolve(spec, [settings.get(key, NOTHING)], "", 0.0, where)
     return params
 

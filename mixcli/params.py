@@ -289,6 +289,7 @@ def resolve(spec: ParamSpec, levels: list[Any], name: str, position: float, wher
         if value is not NOTHING:
             return spec.check(value, where)
     if spec.required:
-        raise MixcliError(f"{where}: parameter '{spec.name}' has no value for tensor '{name}'; "
+        which = f" for tensor '{name}'" if name else ""  # whole-model methods resolve once, for no tensor
+        raise MixcliError(f"{where}: parameter '{spec.name}' has no value{which}; "
                           f"set it under [method] or on the model")
     return spec.default

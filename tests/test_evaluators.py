@@ -133,6 +133,10 @@ evaluator = "perplexty"
     missing = CliRunner().invoke(cli, ["eval", str(uniform_llama), "--evaluator", "perplexity",
                                        "--param", "data='nope.txt'"])
     assert missing.exit_code == 1 and "data file" in missing.output and "does not exist" in missing.output
+    unset = CliRunner().invoke(cli, ["eval", str(uniform_llama), "--evaluator", "perplexity"])
+    assert unset.exit_code == 1 and unset.output.startswith(
+        "Error: --evaluator perplexity: evaluator 'perplexity' needs 'data' (text data: ")
+    assert unset.output.rstrip().endswith("give it with --param data=VALUE") and "tensor" not in unset.output
 
 
 def vit_task(folder, hidden=16):

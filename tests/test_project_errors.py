@@ -281,3 +281,12 @@ def test_validate_reports_ok_and_errors(tmp_path, llama_family):
     assert result.exit_code == 0 and "ok" in result.output
     assert_nothing_written(tmp_path)
     assert_one_line_error(run("validate", tmp_path / "missing.toml"), "missing.toml: no such project file")
+
+
+def test_a_required_parameter_of_a_whole_model_method_names_no_tensor(tmp_path, llama_family):
+    # whole-model methods resolve their parameters once, for no tensor: the message says none
+    project = write_project(tmp_path, f'[models]\na = "{llama_family["ft1"]}"\nb = "{llama_family["ft2"]}"\n'
+                                      '[method]\nname = "frankenmerge"\n[output]\npath = "out"\n')
+    line = assert_one_line_error(run("validate", project))
+    assert line == "Error: project.toml: [method]: parameter 'layers' has no value; set it under [method] or on the model"
+    assert_nothing_written(tmp_path)
