@@ -493,6 +493,13 @@ def _parse_params(pairs) -> dict:
     return settings
 
 
+def _write_project(out: Path, text: str) -> None:
+    try:
+        out.write_text(text)
+    except OSError as error:
+        raise MixcliError(f"{out}: cannot write the project ({error.strerror or error})") from None
+
+
 @cli.command()
 @click.argument("method")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("project.toml"),
@@ -512,7 +519,7 @@ def init(method, out, force):
                           "`mixcli list-methods` shows them all")
     if out.exists() and not force:
         raise MixcliError(f"{out} already exists; pass --force to overwrite it")
-    out.write_text(project_template(component))
+    _write_project(out, project_template(component))
     _console().print(f"[green]wrote[/] {out}: fill in the model paths, then `mixcli merge {out}`")
 
 
@@ -535,10 +542,7 @@ def import_mergekit(config, out, output_path, force):
     check(read_project(out, text), registry)  # what mixcli reads back: the structure and every parameter
     if out.exists() and not force:
         raise MixcliError(f"{out} already exists; pass --force to overwrite it")
-    try:
-        out.write_text(text)
-    except OSError as error:
-        raise MixcliError(f"{out}: cannot write the project ({error.strerror or error})") from None
+    _write_project(out, text)
     _console().print(f"[green]wrote[/] {out} from {config}: check it with `mixcli validate {out}`", soft_wrap=True)
 
 

@@ -62,3 +62,9 @@ def test_template_validates_and_merges(method, llama_family, tmp_path):
     for folder in folders:
         assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors")), folder
         assert (folder / "mixcli.toml").is_file()
+
+
+def test_a_template_that_cannot_be_written_is_one_line(tmp_path):
+    result = run("init", "linear", "--out", tmp_path / "missing" / "project.toml", code=1)
+    assert result.output.startswith(f"Error: {tmp_path / 'missing' / 'project.toml'}: cannot write the project (")
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
