@@ -5,7 +5,7 @@ Each stage is written beside the multi-stage file as a standalone project
 (``<file>.<stage>.toml``, so relative paths mean the same) and merged by the ordinary
 ``mixcli merge``. A stage whose output holds a stage record with the same recipe hash is
 reused; the hash covers the stage's recipe, the hashes of the stages it reads and the size
-and modification time of every input model's files, so an edited stage, an edited input or
+and modification time of every input model's (and LoRA adapter's) files, so an edited stage, an edited input or
 a rebuilt upstream stage is rebuilt. Nothing here reads a weight.
 """
 
@@ -157,10 +157,14 @@ def _order(stages: dict[str, Stage], name: str) -> list[Stage]:
 
 
 def _input_fingerprint(value, folder: Path) -> list:
-    """Name, size and modification time of a local input model's files (no data is read)."""
+    """Name, size and modification time of a local input model's files (no data is read),
+    and of its LoRA adapter's, which change the model as much as its own files do."""
     reference = value.get("path") if isinstance(value, dict) else value
     if not isinstance(reference, str):
         return []
+    adapter = value.get("lora") if isinstance(value, dict) else None
+    if isinstance(adapter, str):
+        return [_input_fingerprint(reference, folder), {"lora": _input_fingerprint(adapter, folder)}]
     model = Path(reference).expanduser()
     model = model if model.is_absolute() else folder / model
     if not model.is_dir():

@@ -191,3 +191,31 @@ def test_toml_writer_round_trips_project_tables():
             "slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}]}],
             "empty": [], "odd key": {"dotted.name": 1}}
     assert tomli.loads(tomlwrite.dumps(data)) == data
+
+
+def test_a_changed_lora_adapter_rebuilds_the_stage(tmp_path, llama_family):
+    import shutil
+
+    from lora_helpers import make_adapter
+
+    adapter = make_adapter(llama_family["base"], tmp_path / "adapter", seed=1, target_modules=["q_proj"])
+    project = write_project(tmp_path, f"""
+[[stage]]
+name = "chat"
+[stage.models]
+tuned = {{ path = "{llama_family['base']}", lora = "adapter" }}
+other = "{llama_family['ft1']}"
+[stage.method]
+name = "linear"
+weight = 0.5
+""", "multi.toml")
+    assert run("merge", project).exit_code == 0
+    first = tiny_models.load_tensors(tmp_path / "stages/chat")
+    shutil.rmtree(adapter)  # the adapter retrained: the stage's output is stale
+    make_adapter(llama_family["base"], adapter, seed=2, target_modules=["q_proj"])
+    again = run("merge", project)
+    assert again.exit_code == 0, again.output
+    assert "stage chat: rebuild" in again.output
+    second = tiny_models.load_tensors(tmp_path / "stages/chat")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(first[name], second[name])
