@@ -9,6 +9,7 @@ zoo exists at ``zoo/``; the demo rewrites that prefix when the zoo lives elsewhe
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -37,6 +38,39 @@ def family_evaluation(family: str, manifest: dict, root: Path) -> tuple[str, dic
                 {task: {"tasks": [str(p)]} for task, p in experts.items()})
     files = {task: str(root / manifest["data"][task]["test"]) for task in experts}
     return ("exact_match", {"tasks": files}, {task: {"tasks": {task: f}} for task, f in files.items()})
+
+
+def build_in_parallel(root: Path, size: str, seed: int, families, console) -> None:
+    """Build each family in its own process (the same seeded, one-thread training as in this
+    one, so the same weights), relaying their log lines with the family in front."""
+    import subprocess
+    import sys
+    import threading
+
+    from mixcli.errors import MixcliError
+
+    runs = []
+    for family in families:
+        command = [sys.executable, "-m", "mixcli_zoo.build", str(root), "--size", size, "--seed", str(seed),
+                   "--families", family]
+        env = dict(os.environ, MIXCLI_ZOO_THREADS="1", PYTHONUNBUFFERED="1")
+        runs.append((family, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True, env=env)))
+
+    def relay(family, process):
+        for line in process.stdout:
+            if line.strip() and not line.startswith("{"):  # the builder's closing JSON is for scripts
+                console.print(f"[{family}] {line.rstrip()}", markup=False, highlight=False)
+
+    relays = [threading.Thread(target=relay, args=run) for run in runs]
+    for thread in relays:
+        thread.start()
+    for thread in relays:
+        thread.join()
+    for family, process in runs:
+        if process.wait() != 0:
+            raise MixcliError(f"building the {family} zoo failed (exit status {process.returncode}); "
+                              "its output is above")
 
 
 def _run_cli(*args: str) -> None:
@@ -152,6 +186,8 @@ def demo(size, root, families, examples, only, threads, seed):
     started = time.time()
     root = root or (Path("zoo") if size == "full" else Path("zoo") / size)
     chosen = tuple(f for f in families.split(",") if f)
+    if size != "full" and len(chosen) > 1 and (os.cpu_count() or 1) > 1 and (threads or 1) == 1:
+        build_in_parallel(root, size, seed, chosen, console)  # one-thread families, one core each
     manifests = build_zoo(root, size=size, seed=seed, families=chosen, log=console.print, threads=threads)
     examples = find_examples(examples)
     wanted = {name for name in only.split(",") if name} or set(RUNS[size]["projects"] or ())
