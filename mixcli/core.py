@@ -142,9 +142,25 @@ def recipe(project: Project) -> str:
             entry["path"] = path
         else:
             data["models"][name] = path
+    _absolute_files(data, project, absolute)
     data.setdefault("output", {})["path"] = "."
     return (f"# The recipe of this model (mixcli {__version__}); model paths are absolute and the output\n"
             "# is this folder: `mixcli merge mixcli.toml --out NEW` rebuilds it.\n" + dumps(data))
+
+
+def _absolute_files(data: dict, project: Project, absolute) -> None:
+    """Parameters that name a file (prompts files...) absolute too, on models and under [method]."""
+    try:
+        specs = get_registry().methods[project.method].param_specs
+    except KeyError:
+        return
+    folder = project.file.resolve().parent
+    tables = [data.get("method", {})] + [entry for entry in data.get("models", {}).values() if isinstance(entry, dict)]
+    for table in tables:
+        for key, value in table.items():
+            spec = specs.get(key)
+            if spec is not None and spec.file and isinstance(value, str) and value:
+                table[key] = absolute(folder / Path(value).expanduser(), value)
 
 
 def model_card(prepared: Prepared, recipe_text: str | None = None, step: str = "", title: str | None = None) -> str:

@@ -44,6 +44,7 @@ def param(
     min_exclusive: bool = False,
     choices: tuple | None = None,
     lifted_by: str | None = None,
+    file: bool = False,
 ) -> Any:
     """Declare one method parameter (use as a dataclass field default).
 
@@ -52,10 +53,11 @@ def param(
     in the field name is dropped in the project file (``lambda_`` is written ``lambda``).
     ``min``/``max`` bound a number (``min_exclusive``: the bound itself is refused);
     ``lifted_by`` names a bool parameter that, set to true under [method], lifts the bounds
-    (slerp's ``extrapolate``).
+    (slerp's ``extrapolate``). ``file``: a path relative to the project file (the recipe written
+    into an output makes it absolute).
     """
     meta = {"help": help, "per_model": per_model, "min": min, "max": max,
-            "min_exclusive": min_exclusive, "choices": choices, "lifted_by": lifted_by}
+            "min_exclusive": min_exclusive, "choices": choices, "lifted_by": lifted_by, "file": file}
     if isinstance(default, (list, dict)):  # dataclasses want a factory for mutable defaults
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"mixcli": meta})
     return dataclasses.field(default=default, metadata={"mixcli": meta})
@@ -74,6 +76,7 @@ class ParamSpec:
     min_exclusive: bool
     choices: tuple | None
     lifted_by: str | None = None
+    file: bool = False  # a path relative to the project file
 
     @property
     def required(self) -> bool:

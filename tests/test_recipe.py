@@ -99,3 +99,38 @@ def test_dry_run_lists_every_resolved_parameter_per_model_and_warns_on_an_existi
                "without --force, and with --force replaces it")
     assert warning in result.stderr
     assert not list((project.parent / "out").iterdir())
+
+
+def test_the_recipe_of_a_merge_reading_prompts_files_rebuilds_it_from_elsewhere(tmp_path, llama_family, monkeypatch):
+    # a file-valued parameter (moe_merge's prompts_file) is relative to the project, so the recipe
+    # in the output must name it absolutely, as it does the models
+    folder = tmp_path / "proj"
+    (folder / "prompts").mkdir(parents=True)
+    (folder / "prompts/a.txt").write_text("12+34=\n1+1=\n")
+    (folder / "prompts/b.txt").write_text("abc\nxyz\n")
+    rel = {name: os.path.relpath(path, folder) for name, path in llama_family.items()}
+    project = folder / "project.toml"
+    project.write_text(f"""[models]
+base = "{rel['base']}"
+a = {{ path = "{rel['ft1']}", prompts_file = "prompts/a.txt" }}
+b = {{ path = "{rel['ft2']}", negative_prompts_file = "prompts/a.txt", prompts_file = "prompts/b.txt" }}
+[method]
+name = "moe_merge"
+base = "base"
+gate_mode = "hidden"
+[output]
+path = "out"
+""")
+    run("merge", project, "--no-progress")
+    out = folder / "out"
+    models = tomli.loads((out / "mixcli.toml").read_text())["models"]
+    assert models["a"]["prompts_file"] == str(folder / "prompts/a.txt")
+    assert models["b"]["negative_prompts_file"] == str(folder / "prompts/a.txt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run("merge", out / "mixcli.toml", "--out", "again", "--no-progress")
+    first, second = tiny_models.load_tensors(out), tiny_models.load_tensors(elsewhere / "again")
+    assert sorted(first) == sorted(second)
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name

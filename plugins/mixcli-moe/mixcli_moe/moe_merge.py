@@ -54,9 +54,9 @@ class Params:
                                          "(useless without router tuning)")
     positive_prompts: list = param([], per_model=True, help="prompts this expert should handle")
     negative_prompts: list = param([], per_model=True, help="prompts this expert should not handle")
-    prompts_file: str = param("", per_model=True, help="data set file of positive prompts (.jsonl/.csv/"
+    prompts_file: str = param("", per_model=True, file=True, help="data set file of positive prompts (.jsonl/.csv/"
                               ".parquet/.txt)")
-    negative_prompts_file: str = param("", per_model=True, help="data set file of negative prompts")
+    negative_prompts_file: str = param("", per_model=True, file=True, help="data set file of negative prompts")
     noise_scale: float = param(0.0, per_model=True, help="std of seeded Gaussian noise added to the "
                                "expert's MLP", min=0.0)
     residual_scale: float = param(1.0, per_model=True, help="multiplies the expert's down_proj")
