@@ -95,9 +95,12 @@ def read_stages(path: Path) -> list[Stage]:
     for stage in stages.values():
         out = Path(stage.output).expanduser()
         out = Path(os.path.normpath(out if out.is_absolute() else folder / out))
-        if out in writers:  # the later one would replace the earlier's output, and every run rebuild both
-            raise MixcliError(f"{stage.where}: output {stage.output} is also the output of stage '{writers[out]}'; "
-                              "give each stage its own [stage.output] path")
+        # one output inside another's: building the outer one replaces the inner, every run rebuilds both
+        for other, other_name in writers.items():
+            if out == other or other in out.parents or out in other.parents:
+                relation = "also" if out == other else ("inside" if other in out.parents else "around")
+                raise MixcliError(f"{stage.where}: output {stage.output} is {relation} the output of stage "
+                                  f"'{other_name}'; give each stage its own [stage.output] folder")
         writers[out] = stage.name
     for stage in stages.values():
         _resolve_references(stage, stages)

@@ -147,7 +147,13 @@ def test_dry_run_and_validate_show_the_graph_and_write_nothing(tmp_path, llama_f
      "multi.toml: [[stage]] #2: name must be a string of letters, digits, '_', '.' or '-', got 'a/b'"),
     (lambda text: text + '[stage.output]\npath = "./out//final"\n',  # the same folder, spelled otherwise
      "multi.toml: [[stage]] 'mid': output ./out//final is also the output of stage 'final'; "
-     "give each stage its own [stage.output] path"),
+     "give each stage its own [stage.output] folder"),
+    (lambda text: text + '[stage.output]\npath = "out"\n',  # replacing it would remove final's output
+     "multi.toml: [[stage]] 'mid': output out is around the output of stage 'final'; "
+     "give each stage its own [stage.output] folder"),
+    (lambda text: text + '[stage.output]\npath = "out/final/mid"\n',
+     "multi.toml: [[stage]] 'mid': output out/final/mid is inside the output of stage 'final'; "
+     "give each stage its own [stage.output] folder"),
 ])
 def test_graph_mistakes_are_one_line_before_anything_is_read(tmp_path, llama_family, edit, message):
     project = write_project(tmp_path, edit(two_stages(llama_family)), "multi.toml")
