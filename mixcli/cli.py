@@ -539,7 +539,10 @@ def import_mergekit(config, out, output_path, force):
     registry = get_registry()
     data = translate(config, registry, output_path)
     text = f"# translated from the mergekit recipe {config.name} by `mixcli import-mergekit`\n" + dumps(data)
-    check(read_project(out, text), registry)  # what mixcli reads back: the structure and every parameter
+    try:  # what mixcli reads back: the structure and every parameter
+        check(read_project(out, text), registry)
+    except MixcliError as error:  # the recipe is what to edit: name it, not the unwritten project
+        raise MixcliError(f"{config.name}: the translated project is invalid: {error}") from None
     if out.exists() and not force:
         raise MixcliError(f"{out} already exists; pass --force to overwrite it")
     _write_project(out, text)

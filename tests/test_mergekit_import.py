@@ -344,6 +344,8 @@ def test_tokenizer_source_becomes_the_tokenizer_table(tmp_path, llama_family, mo
     ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
      "  - model: a\n    parameters: {weight: 2}\n",
      "models[1].model: 'a' is listed twice; list each model once"),
+    ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: .inf}\n",
+     "the translated project is invalid: project.toml: [models.a]: parameter 'weight' must be finite, got inf"),
     ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 2020-01-01}\n",
      "models[0].parameters.weight: datetime.date(2020, 1, 1) is not a number, string or boolean"),
 ])
