@@ -317,6 +317,9 @@ def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoi
         plan.notes += vocabulary.summary()
         for message in vocabulary.warnings:  # shown with the plan's other warnings, errors under --strict
             plan.warnings.add(message)
+    elif project.copy_tokenizer and not donor.tokenizer_files():  # the output would load without one
+        plan.warnings.add(f"model '{donor_name}' ({donor.path}) has no tokenizer files, so the output has none; "
+                          "copy a tokenizer into it, or make a model with one the first or the base")
     return plan
 
 

@@ -144,3 +144,18 @@ def test_strict_turns_plugins_warnings_into_errors_only_inside_the_block(capsys)
             collected.add("another")
     warn("project.toml: odd")
     assert capsys.readouterr().err == "warning: project.toml: odd\n"
+
+
+def test_a_base_without_tokenizer_files_is_a_warning_that_the_output_has_none(tmp_path, llama_family):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(llama_family["base"] / name, bare / name)
+    models = f'base = "{bare}"\na = "{llama_family["ft1"]}"\nb = "{llama_family["ft2"]}"'
+    result = run("merge", ties_project(tmp_path, llama_family, models=models), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: model 'base' ({bare}) has no tokenizer files, so the output has none; copy a tokenizer "
+            "into it, or make a model with one the first or the base") in result.output
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    quiet = run("merge", ties_project(tmp_path, llama_family), "--no-progress", "--force")
+    assert quiet.exit_code == 0 and "no tokenizer files" not in quiet.output
