@@ -138,3 +138,16 @@ def test_the_quick_demo_shortens_only_the_training_tables_it_names(tmp_path):
             if section in own:
                 assert short[section].pop(key) == steps < own[section].pop(key)
         assert short == own, name
+
+
+def test_demo_root_never_removes_a_folder_it_did_not_build(tmp_path):
+    # the zoo build removed ROOT/language whenever it held no matching manifest: a user's own
+    # folder of that name went with it
+    mine = tmp_path / "language"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("mine\n")
+    result = CliRunner().invoke(cli, ["demo", "--root", str(tmp_path), "--families", "language", "--size", "tiny"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"Error: {mine} exists and was not built by mixcli (no manifest.json); "
+                                     "mixcli never removes it: choose another --root or move it away")
+    assert (mine / "thesis.txt").read_text() == "mine\n"

@@ -11,6 +11,22 @@ from .training import read_json, set_threads, write_json
 
 FAMILIES = ("vision", "language")
 SIZES = ("quick", "full", "tiny")
+BUILDING = ".mixcli-zoo"  # written first into a family folder being built: a partial build is ours to redo
+
+
+def check_replaceable(root: Path, families) -> None:
+    """Refuse, before anything is built, a family folder under ``root`` that the zoo build did
+    not make (no manifest, no mark of a partial build): it is the user's, never removed."""
+    from mixcli.errors import MixcliError
+
+    for family in families:
+        out = Path(root) / family
+        if not out.exists() or (out / "manifest.json").is_file() or (out / BUILDING).is_file():
+            continue
+        if out.is_dir() and not any(out.iterdir()):
+            continue
+        raise MixcliError(f"{out} exists and was not built by mixcli (no manifest.json); mixcli never "
+                          "removes it: choose another --root or move it away")
 
 
 def _version(family: str) -> str:
@@ -42,6 +58,7 @@ def build_zoo(root: Path, size: str = "full", seed: int = 0, families=FAMILIES, 
 
     quiet_libraries()  # our bars show the training; transformers' "Writing model shards" would not
     result = {}
+    check_replaceable(root, families)
     for family in families:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}")
@@ -55,8 +72,9 @@ def build_zoo(root: Path, size: str = "full", seed: int = 0, families=FAMILIES, 
                 result[family] = manifest
                 continue
         if out.exists():
-            shutil.rmtree(out)  # stale or partial: start clean so no old file survives
+            shutil.rmtree(out)  # stale or partial (check_replaceable: ours): start clean so no old file survives
         out.mkdir(parents=True)
+        (out / BUILDING).write_text("a mixcli model zoo family, being built\n")
         log(f"{family}: building ({size}, seed {seed})")
         t0 = time.time()
         if family == "vision":
@@ -93,7 +111,12 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--families", default=",".join(FAMILIES))
     a = p.parse_args(argv)
-    m = build_zoo(a.root, a.size, a.seed, tuple(f for f in a.families.split(",") if f))
+    from mixcli.errors import MixcliError
+
+    try:
+        m = build_zoo(a.root, a.size, a.seed, tuple(f for f in a.families.split(",") if f))
+    except MixcliError as error:
+        raise SystemExit(f"Error: {error}") from None
     print(json.dumps({f: m[f].get("build_seconds") for f in m}))
 
 

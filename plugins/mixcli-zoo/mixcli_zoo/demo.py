@@ -180,12 +180,13 @@ def demo(size, root, families, examples, only, threads, seed):
     """Build the model zoo, run the demo projects and compare base, experts and merges."""
     from mixcli.progress import console as make_console
 
-    from .build import build_zoo
+    from .build import build_zoo, check_replaceable
 
     console = make_console()  # in a log, the comparison table keeps its full task names
     started = time.time()
     root = root or (Path("zoo") if size == "full" else Path("zoo") / size)
     chosen = tuple(f for f in families.split(",") if f)
+    check_replaceable(root, chosen)  # before any build process starts
     if size != "full" and len(chosen) > 1 and (os.cpu_count() or 1) > 1 and (threads or 1) == 1:
         build_in_parallel(root, size, seed, chosen, console)  # one-thread families, one core each
     manifests = build_zoo(root, size=size, seed=seed, families=chosen, log=console.print, threads=threads)
