@@ -577,3 +577,20 @@ def test_prompt_routers_need_no_special_tokens(tmp_path, llama_family):
         run("merge", project)
         routers = [t for n, t in tiny_models.load_tensors(folder / "out").items() if n.endswith(".mlp.gate.weight")]
         assert routers and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in routers)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("lr = nan", "lr must be a finite number > 0, got nan"),
+    ("lr = -1.0", "lr must be a finite number > 0, got -1.0"),
+    ("weight_decay = -1.0", "weight_decay must be a finite number >= 0, got -1.0"),
+    ("aux_loss_coef = nan", "aux_loss_coef must be a finite number >= 0, got nan"),
+    ("grad_clip = nan", "grad_clip must be a finite number >= 0, got nan"),
+])
+def test_tune_numbers_that_cannot_train_are_one_line_errors(tuned, tmp_path, setting, message):
+    # AdamW raised a traceback for these; a NaN balance coefficient wrote NaN routers, exit 0
+    folder, project = tuned
+    key = setting.split(" = ")[0]
+    text = "".join(line for line in project.read_text().splitlines(keepends=True) if not line.startswith(f"{key} ="))
+    bad = write_project(tmp_path, text.replace("[tune]", f"[tune]\n{setting}"), "bad.toml")
+    tune_fails([bad, "--model", folder / "out", "--out", tmp_path / "t"], f"bad.toml: [tune]: {message}")
+    assert not (tmp_path / "t").exists()

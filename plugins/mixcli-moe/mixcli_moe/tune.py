@@ -10,6 +10,7 @@ model atomically, a loss curve (PNG) and a log.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,6 +45,8 @@ class TuneSettings:
 
 KEYS = tuple(f.name for f in fields(TuneSettings))
 POSITIVE = ("max_length", "steps", "batch_size")
+# AdamW refuses (a traceback) or trains to NaN routers with anything else
+FINITE = {"lr": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "aux_loss_coef": ">= 0"}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -71,6 +74,10 @@ def read_settings(project) -> TuneSettings:
     for key in POSITIVE:
         if getattr(settings, key) < 1:
             raise MixcliError(f"{where}: {key} must be >= 1")
+    for key, bound in FINITE.items():
+        value = getattr(settings, key)
+        if not math.isfinite(value) or value < 0 or (bound == "> 0" and value == 0):
+            raise MixcliError(f"{where}: {key} must be a finite number {bound}, got {value!r}")
     if settings.device not in DEVICES:
         raise MixcliError(f"{where}: device must be " + ", ".join(repr(d) for d in DEVICES)
                           + f", got {settings.device!r}")
