@@ -537,3 +537,15 @@ def test_post_sparse_gate_prunes_the_adapted_routers_by_magnitude(family, tmp_pa
         assert torch.equal(pruned[key], t * (t.abs() > q)), key
     record = json.loads((tmp_path / "pruned/config.json").read_text())["mixcli"]["adapt"]
     assert record["post_sparse_gate"]["gate_prune_ratio"] == 0.5 and record["post_sparse_gate"]["zero_fraction"] >= 0.5
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("lr = nan", "'lr' must be a finite number, got nan"),
+    ("lr = inf", "'lr' must be a finite number, got inf"),
+    ("logit_scale = nan", "'logit_scale' must be a finite number, got nan"),
+])
+def test_adapt_numbers_that_cannot_train_are_one_line_errors(family, tmp_path, setting, message):
+    # lr = nan was a traceback; lr = inf and logit_scale = nan wrote NaN routers, exit 0
+    path = project(tmp_path, family, adapt=f"max_steps = 1\n{setting}", name="bad.toml")
+    fails(["adapt", path], f"bad.toml: [adapt]: {message}")
+    assert not (tmp_path / "out").exists()

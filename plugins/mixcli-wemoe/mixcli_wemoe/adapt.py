@@ -62,6 +62,8 @@ def settings(section: dict, where: str, pwe: bool = False) -> dict:
             value, ok = float(value), True
         if not ok:
             raise MixcliError(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):  # Adam refuses NaN; Inf trains NaN routers
+            raise MixcliError(f"{where}: '{key}' must be a finite number, got {value!r}")
         if kind in (int, float) and value < 0:
             raise MixcliError(f"{where}: '{key}' must be >= 0, got {value!r}")
         out[key] = value
