@@ -307,7 +307,7 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         seed=seed, dtype=_dtype(method.get("dtype"), f"{name}: [method] dtype"),
         compute_dtype=_dtype(method.get("compute_dtype"), f"{name}: [method] compute_dtype"),
         params=_split(method, METHOD_KEYS, f"{name}: [method]"), overrides=overrides, slices=slices,
-        output_path=(project_dir / _str(out_path, f"{name}: [output] path")) if out_path else None,
+        output_path=(project_dir / _str(out_path, f"{name}: [output] path")) if out_path is not None else None,
         out_dtype=_dtype(output.get("dtype"), f"{name}: [output] dtype"),
         shard_size=parse_size(output.get("shard_size", DEFAULT_SHARD_SIZE), f"{name}: [output] shard_size"),
         copy_tokenizer=copy_tokenizer, evaluations=evaluations, text=text, sections=sections,

@@ -290,3 +290,12 @@ def test_a_required_parameter_of_a_whole_model_method_names_no_tensor(tmp_path, 
     line = assert_one_line_error(run("validate", project))
     assert line == "Error: project.toml: [method]: parameter 'layers' has no value; set it under [method] or on the model"
     assert_nothing_written(tmp_path)
+
+
+def test_an_empty_output_path_is_an_error_validate_reports_too(tmp_path, llama_family):
+    # validate said ok, while merge said there was no output path
+    project = write_project(tmp_path, f'[models]\na = "{llama_family["ft1"]}"\nb = "{llama_family["ft2"]}"\n'
+                                      '[method]\nname = "linear"\nweight = 1.0\n[output]\npath = ""\n')
+    for command in ("validate", "merge"):
+        assert_one_line_error(run(command, project), "project.toml: [output] path must be a non-empty string")
+
