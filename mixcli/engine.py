@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import MixcliError
-from .plan import OutputPlan
+from .plan import OutputPlan, all_finite, nonfinite_message
 from .safetensors_io import ShardedWriter
 from .target import (MARKER, SignalGuard, check_target, is_no_space, make_scratch, remove_leftovers,
                      target_lock, unwritable)
@@ -248,14 +248,14 @@ def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) 
             if tensor.fill is not None and writer.mapped(tensor.name):
                 with writer.destination(tensor.name) as target:
                     tensor.fill(target)
+                    _check_output(tensor, target, plan.warnings)
                     del target
-            elif tensor.intra_op:
-                with _all_cores():
+            else:
+                with _all_cores() if tensor.intra_op else contextlib.nullcontext():
                     result = tensor.compute()
+                _check_output(tensor, result, plan.warnings)
                 writer.write(tensor.name, result)
                 del result
-            else:
-                writer.write(tensor.name, tensor.compute())
             for ckpt, name in tensor.reads:
                 ckpt.release(name)
         finally:
@@ -290,6 +290,19 @@ def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) 
                 for future in pending:
                     future.cancel()
                 raise
+
+
+def _check_output(tensor, result, warnings) -> None:
+    """NaN or Inf in an output whose compute did not check its inputs (upscalers, MoE and
+    adapted models): a warning naming the input that holds them (an error with --strict)."""
+    if getattr(tensor.compute, "checks_finite", False) or not result.is_floating_point() or all_finite(result):
+        return
+    for ckpt, name in tensor.reads:
+        value = ckpt.tensor(name)
+        if value.is_floating_point() and not all_finite(value):
+            warnings.add(nonfinite_message(ckpt, name))
+            return
+    warnings.add(f"output tensor '{tensor.name}' holds NaN or Inf values although its inputs do not")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,20 @@ from .project import Project
 from .safetensors_io import ITEM_SIZE
 
 
+
+def all_finite(tensor) -> bool:
+    """No NaN or Inf in ``tensor`` (checked in chunks, so the boolean temporary stays small)."""
+    import torch
+
+    flat = tensor.reshape(-1)
+    step = 1 << 22
+    return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
+
+
+def nonfinite_message(ckpt, name: str) -> str:
+    return f"model '{ckpt.name}' ({ckpt.path}): tensor '{name}' holds NaN or Inf values"
+
+
 @dataclass
 class OutputTensor:
     """One tensor of the output: its name, shape and dtype, and how to compute it."""

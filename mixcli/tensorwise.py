@@ -12,7 +12,7 @@ from .checkpoint import Checkpoint
 from .components import MergeMethod
 from .errors import MixcliError, Warnings, warn
 from .params import NOTHING, resolve
-from .plan import OutputPlan, OutputTensor, output_dtype_name, set_dtype
+from .plan import OutputPlan, OutputTensor, all_finite, nonfinite_message, output_dtype_name, set_dtype
 from .project import Project
 from .safetensors_io import torch_dtype
 from .seeding import derive_seed
@@ -156,6 +156,8 @@ def _promote(codes: list[str]) -> str:
 class _Compute:
     """Computes one output tensor on demand (a class, not a closure, so plans stay readable)."""
 
+    checks_finite = True  # its inputs, so the engine need not check the output
+
     def __init__(self, planner, name, reads, base_index, others, shared, per_model, seed, out_code, floating,
                  rows=None):
         self.method = planner.method
@@ -225,13 +227,9 @@ class _Compute:
 
 def _check_finite(reads, tensors, warnings: Warnings) -> None:
     """NaN or Inf in an input would spread silently through the merge: say which one holds it."""
-    import torch
-
     for (ckpt, name), tensor in zip(reads, tensors):
-        flat = tensor.reshape(-1)
-        step = 1 << 22  # chunks keep the boolean temporary small
-        if not all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
-            warnings.add(f"model '{ckpt.name}' ({ckpt.path}): tensor '{name}' holds NaN or Inf values")
+        if not all_finite(tensor):
+            warnings.add(nonfinite_message(ckpt, name))
 
 
 def plan_merge(project: Project, method: MergeMethod, models: dict[str, Checkpoint]) -> OutputPlan:
@@ -383,6 +381,8 @@ def _partial(planner: _Planner, piece: Slice, name: str, held: list, lacking: li
 
 class _CopyOne:
     """Reads one source tensor and casts it to the written dtype."""
+
+    checks_finite = True
 
     def __init__(self, ckpt, name: str, load_dtype: str | None, out_code: str, warnings: Warnings):
         self.ckpt, self.name, self.load_dtype, self.out_code = ckpt, name, load_dtype, out_code

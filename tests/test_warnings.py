@@ -159,3 +159,27 @@ def test_a_base_without_tokenizer_files_is_a_warning_that_the_output_has_none(tm
     assert not (tmp_path / "out" / "tokenizer.json").exists()
     quiet = run("merge", ties_project(tmp_path, llama_family), "--no-progress", "--force")
     assert quiet.exit_code == 0 and "no tokenizer files" not in quiet.output
+
+
+UPSCALERS = {
+    "moe_upcycle": 'm = "{odd}"\n[method]\nname = "moe_upcycle"\nnum_experts = 2\n',
+    "depth_upscaling": 'm = "{odd}"\n[method]\nname = "depth_upscaling"\nlayers = ["0:4"]\n',
+    "frankenmerge": 'm = "{odd}"\n[method]\nname = "frankenmerge"\nlayers = [{{ model = "m", range = [0, 4] }}]\n',
+}
+
+
+def test_nan_in_an_upscalers_input_is_a_warning_and_strict_writes_nothing(tmp_path, llama_family):
+    # only tensor-wise merges looked: the upscalers copied NaN into the output silently, --strict or not
+    odd = nan_model(tmp_path, llama_family, float("nan"))
+    for method, text in UPSCALERS.items():
+        project = write_project(tmp_path, "[models]\n" + text.format(odd=odd) + '[output]\npath = "out"\n')
+        result = run("merge", project, "--no-progress", "--force")
+        assert result.exit_code == 0, (method, result.output)
+        assert len(warning_lines(result.output)) == 1, (method, result.output)
+        line = warning_lines(result.output)[0]
+        assert line.startswith(f"warning: model 'm' ({odd}): tensor '{NAN_TENSOR}' holds NaN or Inf"), (method, line)
+        shutil.rmtree(tmp_path / "out")
+        result = run("merge", project, "--no-progress", "--strict")
+        assert result.exit_code == 1, (method, result.output)
+        assert result.output.strip().endswith("(an error with --strict)"), (method, result.output)
+        assert not (tmp_path / "out").exists(), method
