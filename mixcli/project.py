@@ -186,6 +186,10 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         raise MixcliError(f"{file}:{getattr(error, 'lineno', '?')}:{getattr(error, 'colno', '?')}: "
                           f"invalid TOML: {message}") from None
     name = file.name
+    if isinstance(data.get("stage"), list):  # only merge and validate run the stages
+        raise MixcliError(f"{name} is a multi-stage project ([[stage]] tables), which `mixcli merge` and "
+                          f"`mixcli validate` run; give this command a stage's output folder or its project "
+                          f"{file.stem}.STAGE.toml")
     # other top-level tables belong to the method (e.g. [tune]); check() knows which it reads,
     # but a near miss of a core section is a typo
     for key in data:

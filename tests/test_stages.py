@@ -225,3 +225,15 @@ weight = 0.5
     second = tiny_models.load_tensors(tmp_path / "stages/chat")
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(first[name], second[name])
+
+
+@pytest.mark.parametrize("command", [["eval"], ["eval", "--evaluator", "parameters"], ["tune"], ["adapt"]])
+def test_commands_that_take_one_project_say_a_multi_stage_one_is_for_merge(tmp_path, llama_family, command):
+    # they read it as an ordinary project, and said "[stage] must be a table"
+    project = write_project(tmp_path, two_stages(llama_family), "multi.toml")
+    result = run(command[0], project, *command[1:])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        "Error: multi.toml is a multi-stage project ([[stage]] tables), which `mixcli merge` and `mixcli validate` "
+        "run; give this command a stage's output folder or its project multi.STAGE.toml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.toml"]
