@@ -110,7 +110,9 @@ def _merge(project, out, force, dry_run, workers, no_progress, device):
     from .target import protected_folders
 
     if _is_multistage(project):
-        return _merge_stages(project, out, force, dry_run)
+        from .cli_stages import merge_stages
+
+        return merge_stages(project, out, force, dry_run)
 
     registry = core.get_registry()
     _warn_broken_plugins(registry)
@@ -212,7 +214,9 @@ def _validate(project):
     from . import core
 
     if _is_multistage(project):
-        return _check_stages(project)
+        from .cli_stages import check_stages
+
+        return check_stages(project)
 
     prepared = core.prepare(project)
     _show_warnings(prepared)
@@ -225,77 +229,6 @@ def _is_multistage(path: Path) -> bool:
     from .stages import is_multistage
 
     return is_multistage(path)
-
-
-def _stage_plan(path: Path):
-    """The stages in order with what a run would do to each, printed as a table."""
-    from rich.table import Table
-
-    from . import stages as multi
-
-    order = multi.read_stages(path)
-    table = Table(title=f"stages of {path.name}")
-    for column in ("stage", "method", "reads", "output", "status"):
-        table.add_column(column, overflow="fold")
-    for stage in order:
-        stage.status = multi.classify(stage, path)
-        method = stage.table.get("method", {})
-        reads = ", ".join(f"{key} = {value}" for key, value in stage.inputs.items())
-        table.add_row(stage.name, str(method.get("name", "?") if isinstance(method, dict) else "?"),
-                      reads, stage.output, stage.status)
-    _console().print(table)
-    return order
-
-
-def _check_ready_stages(path: Path, order, print_plan: bool) -> list[str]:
-    """Plan every stage whose inputs exist now (reading no weight); the names of the others."""
-    from . import core, engine
-    from . import stages as multi
-
-    current = {stage.name for stage in order if stage.status == "up to date"}
-    deferred = []
-    for stage in order:
-        if not set(stage.depends) <= current:
-            deferred.append(stage.name)
-            continue
-        prepared = core.prepare(stage.file, multi.stage_text(stage, path))
-        _show_warnings(prepared)
-        if print_plan:
-            _print_plan(core.describe(prepared, engine.default_workers()), stage.output)
-    return deferred
-
-
-def _merge_stages(path: Path, out, force: bool, dry_run: bool) -> None:
-    from . import stages as multi
-
-    if out is not None:
-        raise MixcliError(f"{path.name}: --out does not apply to a multi-stage project; set each stage's "
-                          "[stage.output] path")
-    order = _stage_plan(path)
-    if dry_run:
-        deferred = _check_ready_stages(path, order, print_plan=True)
-        if deferred:
-            _console().print(f"planned when their inputs are built: {', '.join(deferred)}", soft_wrap=True)
-        return
-    context = click.get_current_context()
-    for stage in order:
-        if stage.status == "up to date":
-            _console().print(f"stage [bold]{stage.name}[/]: up to date ({stage.output})", soft_wrap=True)
-            continue
-        _console().print(f"stage [bold]{stage.name}[/]: {stage.status} -> {stage.output}", soft_wrap=True)
-        multi.write_stage_file(stage, path)
-        replace = force or stage.status.startswith("rebuild")  # an outdated output of this very stage
-        context.invoke(merge, **dict(context.params, project=stage.file, out=None, force=replace))
-        multi.write_record(stage, path)
-
-
-def _check_stages(path: Path) -> None:
-    order = _stage_plan(path)
-    deferred = _check_ready_stages(path, order, print_plan=False)
-    checked = len(order) - len(deferred)
-    note = f"; checked when their inputs are built: {', '.join(deferred)}" if deferred else ""
-    _console().print(f"[green]ok[/] {path}: {len(order)} stages in order, {checked} checked against their "
-                     f"models{note}", soft_wrap=True)
 
 
 def _component_rows(registry) -> list[dict]:

@@ -237,3 +237,22 @@ def test_commands_that_take_one_project_say_a_multi_stage_one_is_for_merge(tmp_p
         "Error: multi.toml is a multi-stage project ([[stage]] tables), which `mixcli merge` and `mixcli validate` "
         "run; give this command a stage's output folder or its project multi.STAGE.toml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.toml"]
+
+
+def test_a_mistake_inside_a_stage_names_the_stage_and_writes_nothing(tmp_path, llama_family):
+    text = two_stages(llama_family).replace('[stage.method]\nname = "linear"\nweight = 0.5\n[stage.output]',
+                                            '[stage.method]\nname = "linear"\nwieght = 0.5\n[stage.output]')
+    project = write_project(tmp_path, text, "multi.toml")
+    result = run("merge", project)
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("Error: multi.toml: [[stage]] 'final': [method]: unknown parameter 'wieght'"), line
+    good = two_stages(llama_family)
+    head, tail = good.rsplit('[stage.method]\nname = "linear"\nweight = 0.5\n', 1)  # the mid stage's
+    bad = (head + tail).replace('name = "mid"\n[stage.models]', 'name = "mid"\nmethod = "linear"\n[stage.models]')
+    project.write_text(bad)
+    (tmp_path / "multi.mid.toml").unlink()  # written by the first run, whose first stage was fine
+    result = run("merge", project)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == "Error: multi.toml: [[stage]] 'mid': [method] must be a table"
+    assert not (tmp_path / "multi.mid.toml").exists()
