@@ -19,7 +19,7 @@ from . import __version__
 from .errors import MixcliError
 from .plan import OutputPlan, all_finite, nonfinite_message
 from .safetensors_io import ShardedWriter
-from .target import (MARKER, SignalGuard, check_target, is_no_space, make_scratch, remove_leftovers,
+from .target import (SignalGuard, check_target, is_no_space, make_scratch, publish, remove_leftovers,
                      target_lock, unwritable)
 
 __all__ = ["check_target", "write_plan", "default_workers", "require_device"]
@@ -154,9 +154,7 @@ def _write(plans: dict[str, OutputPlan], target: Path, signals: SignalGuard, sha
             _write_files(one, scratch / name, card, recipe, copy_tokenizer)
             if one.finalize is not None:
                 one.finalize(scratch / name)
-        with signals.critical():
-            (scratch / MARKER).unlink()
-            _replace(scratch, target)
+        publish(scratch, target, signals)
     except OSError as error:
         _discard(warmer, writers, scratch)
         if is_no_space(error):
@@ -221,16 +219,6 @@ def _discard(warmer, writers: list[ShardedWriter], scratch: Path) -> None:
         except OSError:
             pass
     shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _replace(scratch: Path, target: Path) -> None:
-    if target.exists():
-        old = make_scratch(target, "old")  # marked, so a run killed right here is cleaned up later
-        os.replace(target, old / "previous")
-        os.replace(scratch, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(scratch, target)
 
 
 def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) -> None:

@@ -137,6 +137,21 @@ def make_scratch(target: Path, kind: str = "tmp") -> Path:
     raise MixcliError(f"cannot make a temporary folder beside {target}")
 
 
+def publish(scratch: Path, target: Path, signals: "SignalGuard") -> None:
+    """Put the finished ``scratch`` folder in place of ``target`` as one step that signals wait
+    for: unmarked, and renamed over; an existing target is first moved into a marked folder, so a
+    run killed right then is cleaned up by the next one."""
+    with signals.critical():
+        (scratch / MARKER).unlink()
+        if target.exists():
+            old = make_scratch(target, "old")
+            os.replace(target, old / "previous")
+            os.replace(scratch, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(scratch, target)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -261,9 +261,7 @@ def write_adapter(extraction: Extraction, target: Path, force: bool, base_label:
 
     from safetensors.torch import save_file
 
-    from mixcli.engine import _replace
-    from mixcli.target import (MARKER, SignalGuard, check_target, make_scratch, remove_leftovers,
-                               target_lock)
+    from mixcli.target import SignalGuard, check_target, make_scratch, publish, remove_leftovers, target_lock
 
     target = Path(target).absolute()
     check_target(target, force, protected)
@@ -276,9 +274,7 @@ def write_adapter(extraction: Extraction, target: Path, force: bool, base_label:
             save_file(extraction.tensors, str(scratch / "adapter_model.safetensors"), metadata={"format": "pt"})
             (scratch / "adapter_config.json").write_text(json.dumps(extraction.config, indent=2) + "\n")
             (scratch / "README.md").write_text(_card(extraction, base_label, model_label))
-            with signals.critical():
-                (scratch / MARKER).unlink()
-                _replace(scratch, target)
+            publish(scratch, target, signals)
         except OSError as error:
             shutil.rmtree(scratch, ignore_errors=True)
             raise MixcliError(f"cannot write {target}: {error.strerror or error}; nothing was written") from None
