@@ -4,6 +4,7 @@ to one computed here, the routed MoE above the weight merges."""
 
 import json
 
+import torch
 from click.testing import CliRunner
 
 from mixcli.cli import cli
@@ -20,6 +21,43 @@ def assert_every_demo_project_validates(family: str, tmp_path, required: set[str
         path = render(example, tmp_path / "zoo", tmp_path / "checked")
         checked = CliRunner().invoke(cli, ["validate", str(path)])
         assert checked.exit_code == 0, f"{example.name}: {checked.output}"
+
+
+def assert_splits_are_disjoint(zoo, family: str) -> dict:
+    """Each task of a built zoo family has train, validation and test files, named in the
+    manifest and (vision) in each expert's task.json, with no example in two of them; returns
+    the manifest."""
+    from safetensors.torch import load_file
+
+    manifest = json.loads((zoo / family / "manifest.json").read_text())
+    tasks = [e["task"] for e in manifest["experts"]]
+    for task in tasks + (["digits"] if family == "vision" else []):
+        files = manifest["data"][task]
+        assert set(files) == {"train", "validation", "test"}, (task, files)
+        if family == "vision":
+            rows = {split: load_file(zoo / file)["pixel_values"].flatten(1) for split, file in files.items()}
+            sizes = {split: len(r) for split, r in rows.items()}
+            # digits images are all distinct, so a shared row is an example in two splits
+            every = torch.cat(list(rows.values())).unique(dim=0) if task == "digits" else None
+            assert every is None or len(every) == sum(sizes.values()), task
+        else:
+            rows = {split: [json.loads(line)["prompt"] for line in (zoo / file).read_text().splitlines()]
+                    for split, file in files.items()}
+            sizes = {split: len(r) for split, r in rows.items()}
+            assert len(set(rows["validation"])) == sizes["validation"] == sizes["test"], task
+            for split in ("train", "test"):
+                assert not set(rows["validation"]) & set(rows[split]), (task, split)
+            assert not set(rows["train"]) & set(rows["test"]), task
+            pretrain = {json.loads(line)["prompt"]
+                        for line in (zoo / manifest["data"]["pretrain"]["train"]).read_text().splitlines()}
+            assert not pretrain & (set(rows["validation"]) | set(rows["test"])), task
+        assert sizes["validation"] > 0 and sizes["test"] > 0 and sizes["train"] > sizes["test"], (task, sizes)
+    if family == "vision":  # the task files a classification evaluator reads name the same files
+        for expert in manifest["experts"]:
+            info = json.loads((zoo / expert["path"] / "task.json").read_text())
+            assert {split: (zoo / expert["path"] / f).resolve() for split, f in info["data"].items()} == \
+                {split: (zoo / f).resolve() for split, f in manifest["data"][expert["task"]].items()}
+    return manifest
 
 
 def average_of(folders, target):
@@ -69,7 +107,25 @@ def test_tiny_vision_demo_merges_land_between_the_base_and_the_experts(tmp_path)
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6, msg=name)
     evaluator, every_task, _ = family_evaluation("vision", manifest, zoo)
     scores = evaluate(tmp_path / "reference", evaluator, every_task)
-    assert all(abs(scores[t] - rows["average"][t]) < 1.5 / 539 for t in tasks)  # one test image at most
+    n_test = len(load_file(zoo / manifest["data"]["digits"]["test"])["labels"])
+    assert all(abs(scores[t] - rows["average"][t]) < 1.5 / n_test for t in tasks)  # one test image at most
+    # the validation split, named like the test split, is what an evaluator then measures:
+    # accuracies computed here on the validation files, not on the test files
+    assert_splits_are_disjoint(zoo, "vision")
+    from transformers import ViTModel
+
+    model = ViTModel.from_pretrained(tmp_path / "reference").eval()
+    _, _, on_validation = family_evaluation("vision", manifest, zoo, split="validation")
+    for expert in manifest["experts"][:2]:
+        head = load_file(zoo / expert["path"] / "head.safetensors")
+        data = load_file(zoo / manifest["data"][expert["task"]]["validation"])
+        with torch.no_grad():
+            logits = model(pixel_values=data["pixel_values"]).pooler_output @ head["weight"].T + head["bias"]
+        expected = (logits.argmax(-1) == data["labels"]).double().mean().item()
+        measured = evaluate(tmp_path / "reference", evaluator, on_validation[expert["task"]])[expert["task"]]
+        n_validation = len(data["labels"])
+        assert abs(measured - expected) < 1.5 / n_validation, expert["task"]
+        assert round(measured * n_validation, 6) == round(measured * n_validation)  # k of the validation images
     assert (zoo / "demo" / "results.png").stat().st_size > 1000
     assert (zoo / "demo" / "out" / "vision-ties" / "model.safetensors").is_file()
     # every vision demo project (WE-MoE family included) passes `mixcli validate` on this zoo
@@ -95,6 +151,17 @@ def test_tiny_language_demo_moe_keeps_most_of_the_experts_and_every_project_vali
     assert means["moe"] > max(means["average"], means["ties"]) + 0.06
     assert means["moe"] > means["base"] + 0.08
     assert (tmp_path / "zoo" / "demo" / "out" / "language-moe-tuned" / "config.json").is_file()
+    # the validation split (disjoint from every other) is what exact_match measures when named
+    from mixcli_zoo.demo import evaluate, family_evaluation
+
+    manifest = assert_splits_are_disjoint(tmp_path / "zoo", "language")
+    evaluator, on_validation, _ = family_evaluation("language", manifest, tmp_path / "zoo", split="validation")
+    assert on_validation["tasks"] == {t: str(tmp_path / "zoo" / manifest["data"][t]["validation"])
+                                      for t in ("rev", "sort", "shift", "comp")}
+    n_validation = len((tmp_path / "zoo" / manifest["data"]["rev"]["validation"]).read_text().splitlines())
+    expert = tmp_path / "zoo" / manifest["experts"][0]["path"]
+    score = evaluate(expert, evaluator, {"tasks": {"rev": on_validation["tasks"]["rev"]}})["rev"]
+    assert round(score * n_validation, 6) == round(score * n_validation)
     assert_every_demo_project_validates("language", tmp_path, {"language-moe", "language-moe_mlp",
                                                                "language-ties"})
 

@@ -213,3 +213,32 @@ def test_classification_task_mistakes_are_one_line(tmp_path):
     result = eval_cli(tmp_path / "vit", "--evaluator", "classification", "--param", f'tasks=["{broken}"]')
     assert result.exit_code == 1 and result.output.startswith(
         f"Error: classification: {broken / 'task.json'} cannot be read as JSON")
+
+
+def test_classification_split_picks_the_data_of_task_json(tmp_path):
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config).save_pretrained(tmp_path / "backbone")
+    folder = tmp_path / "twos"
+    folder.mkdir()
+    bias = torch.zeros(3)
+    bias[2] = 5.0  # always answers 2: the accuracy is the share of 2s in the split read
+    save_file({"weight": torch.zeros(3, 16), "bias": bias}, folder / "head.safetensors")
+    for split, labels in (("test", [2, 2, 0, 1]), ("validation", [2, 0, 0, 0, 1])):
+        (folder / f"{split}.jsonl").write_text("\n".join(
+            json.dumps({"pixel_values": [[0.5] * 8] * 8, "label": y}) for y in labels))
+    (folder / "task.json").write_text(json.dumps({"task": "twos", "data": {"test": "test.jsonl",
+                                                                           "validation": "validation.jsonl"}}))
+    assert evaluate("classification", tmp_path / "backbone", tasks=[str(folder)])["twos"] == 2 / 4
+    assert evaluate("classification", tmp_path / "backbone", tasks=[str(folder)], split="validation")["twos"] == 1 / 5
+    result = eval_cli(tmp_path / "backbone", "--evaluator", "classification", "--param", f'tasks=["{folder}"]',
+                      "--param", 'split="train"')
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: classification: task 'twos': {folder / 'task.json'} has no 'train' data (splits: test, "
+        "validation); set split to one of them")
+    (folder / "task.json").write_text(json.dumps({"task": "twos", "data": "test.jsonl"}))
+    result = eval_cli(tmp_path / "backbone", "--evaluator", "classification", "--param", f'tasks=["{folder}"]',
+                      "--param", 'split="validation"')
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: classification: task 'twos': {folder / 'task.json'} names one data file, read as the test "
+        'split; for split = "validation" give "data" as a table {"validation": file, ...}')

@@ -3,9 +3,10 @@
 The setting of the task-arithmetic, TIES and WE-MoE papers: the backbone is merged, every
 task keeps the classification head of its expert. A task is a folder (usually the expert
 itself) holding ``head.safetensors`` (``weight`` [labels, hidden], ``bias``) and
-``task.json`` (``{"task": name, "data": file}`` or ``{"data": {"test": file, ...}}``, paths
-relative to the folder); the data has a ``pixel_values`` column (flat or shaped) and a
-``label`` (or ``labels``) column. Every model compared
+``task.json`` (``{"task": name, "data": file}`` or ``{"data": {"test": file, "validation": file,
+...}}``, paths relative to the folder; ``split`` picks the entry, "test" by default); the data
+has a ``pixel_values`` column (flat or shaped) and a ``label`` (or ``labels``) column. Every
+model compared
 on a task, the base included, is read through that same head.
 """
 
@@ -22,6 +23,8 @@ from mixcli import Evaluator, MixcliError, param
 class Params:
     tasks: list = param([], help="task folders or project model names with head.safetensors + task.json "
                                  "(default: every project model that has them)")
+    split: str = param("test", help="which entry of task.json's data table to measure (\"validation\" to "
+                                    "choose coefficients, \"test\" to report)")
     max_samples: int = param(0, help="evaluate at most this many images per task (0 = all)", min=0)
     batch_size: int = param(256, help="images per forward pass", min=1)
 
@@ -43,8 +46,9 @@ def task_folders(context) -> list[Path]:
     return folders
 
 
-def read_task(folder: Path, max_samples: int):
-    """(name, head weight, head bias, images, labels) of the task stored in ``folder``."""
+def read_task(folder: Path, max_samples: int, split: str = "test"):
+    """(name, head weight, head bias, images, labels) of the ``split`` data of the task stored
+    in ``folder``."""
     import torch
     from safetensors.torch import load_file
 
@@ -66,9 +70,15 @@ def read_task(folder: Path, max_samples: int):
                           f"'bias' [labels], got {sorted(head)}")
     data = info.get("data")
     if isinstance(data, dict):
-        data = data.get("test")
+        if split not in data:
+            raise MixcliError(f"{where}: {folder / 'task.json'} has no '{split}' data "
+                              f"(splits: {', '.join(map(str, data)) or 'none'}); set split to one of them")
+        data = data[split]
+    elif split != "test" and isinstance(data, str):
+        raise MixcliError(f"{where}: {folder / 'task.json'} names one data file, read as the test split; "
+                          f"for split = \"{split}\" give \"data\" as a table {{\"{split}\": file, ...}}")
     if not isinstance(data, str):
-        raise MixcliError(f"{where}: {folder / 'task.json'} names no test data (\"data\": file or {{\"test\": file}})")
+        raise MixcliError(f"{where}: {folder / 'task.json'} names no {split} data (\"data\": file or {{\"{split}\": file}})")
     path = folder / data
     rows = load_rows(path, where, max_samples)
     label = "label" if "label" in rows.column_names else "labels"
@@ -89,7 +99,7 @@ def evaluate(context) -> dict:
     config = backbone.config
     shape = (getattr(config, "num_channels", 1), getattr(config, "image_size", 8), getattr(config, "image_size", 8))
     scores = {}
-    tasks = [read_task(folder, p["max_samples"]) for folder in task_folders(context)]
+    tasks = [read_task(folder, p["max_samples"], p["split"]) for folder in task_folders(context)]
     with context.progress(sum(len(task[4]) for task in tasks), "images") as bar:
         for name, weight, bias, images, labels in tasks:
             hidden = getattr(config, "hidden_size", weight.shape[-1])

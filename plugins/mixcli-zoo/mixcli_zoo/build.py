@@ -94,7 +94,7 @@ def build_zoo(root: Path, size: str = "full", seed: int = 0, families=FAMILIES, 
 def _relative_to_root(obj, family: str):
     """Prefix the family folder to every path the family builder returned."""
     if isinstance(obj, dict):
-        return {k: (f"{family}/{v}" if k in ("path", "base", "train", "test", "corpus") and isinstance(v, str)
+        return {k: (f"{family}/{v}" if k in ("path", "base", "train", "validation", "test", "corpus") and isinstance(v, str)
                     else _relative_to_root(v, family)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_relative_to_root(v, family) for v in obj]

@@ -30,13 +30,15 @@ RUNS = {
 }
 
 
-def family_evaluation(family: str, manifest: dict, root: Path) -> tuple[str, dict, dict]:
-    """(evaluator, settings for all tasks, settings per task) used for every row of a family."""
+def family_evaluation(family: str, manifest: dict, root: Path, split: str = "test") -> tuple[str, dict, dict]:
+    """(evaluator, settings for all tasks, settings per task) used for every row of a family,
+    measuring the ``split`` data of each task: "test" (the tables) or "validation" (the split
+    coefficients are chosen on)."""
     experts = {e["task"]: root / e["path"] for e in manifest["experts"]}
     if family == "vision":
-        return ("classification", {"tasks": [str(p) for p in experts.values()]},
-                {task: {"tasks": [str(p)]} for task, p in experts.items()})
-    files = {task: str(root / manifest["data"][task]["test"]) for task in experts}
+        return ("classification", {"tasks": [str(p) for p in experts.values()], "split": split},
+                {task: {"tasks": [str(p)], "split": split} for task, p in experts.items()})
+    files = {task: str(root / manifest["data"][task][split]) for task in experts}
     return ("exact_match", {"tasks": files}, {task: {"tasks": {task: f}} for task, f in files.items()})
 
 

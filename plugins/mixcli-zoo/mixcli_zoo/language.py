@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .tokenizer import build_char_tokenizer
 from .training import seed_everything, train_loop
 
-VERSION = "language-3"
+VERSION = "language-4"  # 4: a validation split per expert task
 # Each expert task works on its own characters, as domains do in real corpora (code, maths,
 # prose): a token says which task it belongs to, which token-level MoE routers need, and
 # task vectors overlap less than when every task reads the same ten letters.
@@ -88,6 +88,20 @@ def make_pretrain(n: int, seed: int, exclude: set, p_long: float = 0.0) -> list[
         task = rng.choice(PRETRAIN_MIX)
         ex = make_example(task, rng, long=task in EXPERT_TASKS and rng.random() < p_long)
         if ex["prompt"] not in exclude:
+            out.append(ex)
+    return out
+
+
+def make_validation(task: str, n: int, seed: int, exclude: set) -> list[dict]:
+    """``n`` distinct long examples of ``task`` whose prompts are in no other split
+    (``exclude``: the train, test and pretraining prompts). Drawn from a stream of their own
+    after the others, so adding them changes no training data and no trained model."""
+    rng = random.Random(f"{seed}-{task}-validation")
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        ex = make_example(task, rng, long=True)
+        if ex["prompt"] not in seen:
+            seen.add(ex["prompt"])
             out.append(ex)
     return out
 
@@ -204,6 +218,11 @@ def build_language(out: Path, size: str, seed: int, log=print) -> dict:
                 for line in (out / data[t]["test"]).read_text().splitlines()}
     pre = make_pretrain(hp["n_pre"], seed, held_out, hp["p_long"])
     write_jsonl(out / "data/pretrain/train.jsonl", pre)
+    used = held_out | {ex["prompt"] for ex in pre} | {ex["prompt"] for rows in splits.values() for ex in rows}
+    for task in EXPERT_TASKS:  # as many as the test split, for choosing coefficients
+        rel = f"data/{task}/validation.jsonl"
+        write_jsonl(out / rel, make_validation(task, hp["n_test"], seed, used))
+        data[task] = {"train": data[task]["train"], "validation": rel, "test": data[task]["test"]}
     (out / "data/corpus.txt").write_text("\n".join(corpus_lines(200, seed)) + "\n")
 
     model = LlamaForCausalLM(make_config(hp, tok))

@@ -30,33 +30,42 @@ from safetensors.torch import save_file
 
 from .training import seed_everything, train_loop, write_json
 
-VERSION = "vision-2"
+VERSION = "vision-3"  # 3: validation split carved out of the held-out part
+SPLITS = ("train", "test", "validation")  # the index seeds each split's noise
 
 
 # ---------------------------------------------------------------- data and tasks
-def load_digits_split(seed: int, test_frac: float = 0.3):
-    """Digits as float images in [0, 1], shape [N, 1, 8, 8], with a seeded stratified split."""
+def load_digits_split(seed: int, test_frac: float = 0.3, validation_share: float = 0.5):
+    """Digits as float images in [0, 1], shape [N, 1, 8, 8]: seeded, stratified, disjoint
+    train, validation and test parts, as ``(x, y)`` pairs.
+
+    ``test_frac`` of each class is held out from training; ``validation_share`` of that
+    held-out part (per class) is the validation split, the rest the test split. The data set
+    is finite, so the validation split is carved out of the held-out part: the training part
+    (and so every trained model) is the same as with no validation split at all.
+    """
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
     rng = np.random.default_rng(seed)
-    test_idx = []
+    part = np.zeros(len(y), dtype=np.int64)  # 0 train, 1 validation, 2 test
     for c in range(10):
         idx = np.flatnonzero(d.target == c)
         rng.shuffle(idx)
-        test_idx.extend(idx[: int(round(len(idx) * test_frac))])
-    mask = np.zeros(len(y), dtype=bool)
-    mask[test_idx] = True
-    tr, te = torch.tensor(~mask), torch.tensor(mask)
-    return (x[tr], y[tr]), (x[te], y[te])
+        held = idx[: int(round(len(idx) * test_frac))]
+        n_val = int(round(len(held) * validation_share))
+        part[held[:n_val]] = 1
+        part[held[n_val:]] = 2
+    masks = [torch.tensor(part == k) for k in range(3)]
+    return tuple((x[m], y[m]) for m in masks)
 
 
 def _noise_fn(seed: int, std: float) -> Callable:
     def f(x, split="test"):
-        # fixed noise per split so test sets are stable files
-        g = torch.Generator().manual_seed(2000 + seed + (0 if split == "train" else 1))
+        # fixed noise per split so the held-out sets are stable files
+        g = torch.Generator().manual_seed(2000 + seed + SPLITS.index(split))
         return (x + std * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
     return f
@@ -176,14 +185,14 @@ def build_vision(out: Path, size: str, seed: int, log=print) -> dict:
     hp = SIZES[size]
     t_start = time.time()
     gen = seed_everything(seed)
-    (xtr, ytr), (xte, yte) = load_digits_split(seed)
+    (xtr, ytr), (xva, yva), (xte, yte) = load_digits_split(seed)
     tasks = make_tasks(seed, hp["tasks"])
 
     # data files: one per task and split, plus the base's own (plain digits)
     data = {}
     for name, task in [("digits", None)] + list(tasks.items()):
         files = {}
-        for split, (x, y) in (("train", (xtr, ytr)), ("test", (xte, yte))):
+        for split, (x, y) in (("train", (xtr, ytr)), ("validation", (xva, yva)), ("test", (xte, yte))):
             xs, ys = (x, y) if task is None else apply_task(task, x, y, split)
             rel = f"data/{name}/{split}.safetensors"
             _save_tensors(out / rel, pixel_values=xs, labels=ys)
@@ -192,7 +201,7 @@ def build_vision(out: Path, size: str, seed: int, log=print) -> dict:
 
     def rel_from(folder: str, name: str) -> dict:
         up = "../" * (folder.count("/") + 1)  # from the member folder back to the family root
-        return {s: up + data[name][s][2] for s in ("train", "test")}
+        return {s: up + data[name][s][2] for s in SPLITS}
 
     # 1. base
     model = ViTModel(make_config(hp))
@@ -242,6 +251,6 @@ def build_vision(out: Path, size: str, seed: int, log=print) -> dict:
         "feature": "pooler_output",
         "base": "base",
         "experts": [{"task": n, "path": p, "num_labels": tasks[n].num_labels} for n, p in experts.items()],
-        "data": {n: {s: data[n][s][2] for s in ("train", "test")} for n in data},
+        "data": {n: {s: data[n][s][2] for s in SPLITS} for n in data},
         "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()},
     }
