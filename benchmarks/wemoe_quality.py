@@ -92,7 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--upscale-attn", action="store_true", help="WE-MoE family: route attention projections too")
     ap.add_argument("--task-id-loss", default="ce", choices=("ce", "one_hot"), help="form of the task-stream term")
     ap.add_argument("--task-id-weight", type=float, default=1.0, help="weight of the task-stream term")
-    ap.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"), help="adaptation lr schedule")
+    ap.add_argument("--lr-scheduler-type", default="constant", choices=("constant", "linear", "cosine"),
+                    help="adaptation lr schedule (linear and cosine decay to 0.1·lr)")
     ap.add_argument("--per-sample", action="store_true", help="adapt with per-sample routing (batch_reduce = false)")
     ap.add_argument("--lr", type=float, default=1e-3, help="adaptation learning rate (PWE-MoE: 10x)")
     ap.add_argument("--rows", default="merges,entropy,we_moe,sparse,rank_one,pwe", help="adapted rows to run")
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     zoo, dev = args.zoo, args.device
     rows: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix="wemoe-bench-"))
-    tta = f"max_steps = {args.steps}\nlr = {args.lr}\nlr_schedule = \"{args.lr_schedule}\"" + ("\nbatch_reduce = false" if args.per_sample else "")
+    tta = f"max_steps = {args.steps}\nlr = {args.lr}\nlr_scheduler_type = \"{args.lr_scheduler_type}\"\nmin_lr_rate = 0.1" + ("\nbatch_reduce = false" if args.per_sample else "")
     lam = args.init_lambda
     init = f"init_lambda = {lam}" + ("\nupscale_attn = true" if args.upscale_attn else "")
     model, _ = build(project_text(zoo, manifest, "we_moe", init), tmp, dev, False)

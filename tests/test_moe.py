@@ -2,6 +2,7 @@
 router tuning (one process and two gloo processes), on tiny seeded models through the CLI."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -579,12 +580,25 @@ def test_prompt_routers_need_no_special_tokens(tmp_path, llama_family):
         assert routers and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in routers)
 
 
+def test_tune_follows_the_learning_rate_schedule(tuned, tmp_path):
+    # 2 warm-up steps, then cosine from lr to 0.1·lr: the rates the log records are the formula's
+    folder, project = tuned
+    schedule = 'lr_scheduler_type = "cosine"\nwarmup_steps = 2\nmin_lr_rate = 0.1\n'
+    path = write_project(tmp_path, project.read_text().replace("[tune]", "[tune]\n" + schedule), "sched.toml")
+    run("tune", path, "--model", folder / "out", "--out", tmp_path / "t", "--no-progress")
+    history = json.loads((tmp_path / "t" / "tune_log.json").read_text())["history"]
+    cosine = [0.1 + 0.9 * (1 + math.cos(math.pi * t / 2)) / 2 for t in (0, 1)]
+    assert [h["lr"] for h in history] == pytest.approx([0.01 * f for f in (1 / 2, 2 / 2, *cosine)])
+
+
 @pytest.mark.parametrize("setting, message", [
     ("lr = nan", "lr must be a finite number > 0, got nan"),
     ("lr = -1.0", "lr must be a finite number > 0, got -1.0"),
     ("weight_decay = -1.0", "weight_decay must be a finite number >= 0, got -1.0"),
     ("aux_loss_coef = nan", "aux_loss_coef must be a finite number >= 0, got nan"),
     ("grad_clip = nan", "grad_clip must be a finite number >= 0, got nan"),
+    ('lr_scheduler_type = "step"', "'lr_scheduler_type' must be 'constant', 'linear', 'cosine', got 'step'"),
+    ("warmup_ratio = 2.0", "'warmup_ratio' must be a number in [0, 1], got 2.0"),
 ])
 def test_tune_numbers_that_cannot_train_are_one_line_errors(tuned, tmp_path, setting, message):
     # AdamW raised a traceback for these; a NaN balance coefficient wrote NaN routers, exit 0

@@ -253,7 +253,7 @@ def test_pwe_batch_not_divisible_by_processes_fails(family, tmp_path):
                            "--standalone", "-m", "mixcli", "adapt", str(path), "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode != 0
-    assert ("Error: [adapt] batch_size 3 is not divisible by the 2 processes; set it to a multiple of 2"
+    assert ("Error: project.toml: [adapt]: batch_size 3 is not divisible by the 2 processes; set it to a multiple of 2"
             in done.stdout + done.stderr), done.stderr[-2000:]
     assert not (tmp_path / "two").exists()
 
@@ -309,7 +309,7 @@ def test_pwe_collapse_equals_routed(family, tmp_path):
 
 
 def test_task_stream_terms_against_hand_values():
-    from mixcli_wemoe.adapt import _task_id_loss
+    from mixcli_wemoe.tta import _task_id_loss
 
     c = torch.tensor([[1.0, 0.0], [0.5, 0.5]])  # two samples, two experts, stream of task 0
     assert float(_task_id_loss([(0, c)], 0, 1, "one_hot")) == pytest.approx((0.25 + 0.25) / 4)
@@ -318,23 +318,6 @@ def test_task_stream_terms_against_hand_values():
     # rank-one: the oracle puts 1 on every component of the stream's task
     r = torch.tensor([[1.0, 1.0, 0.0, 2.0]])  # experts x k = 2 x 2, stream of task 1
     assert float(_task_id_loss([(0, r)], 1, 2, "one_hot")) == pytest.approx((1 + 1 + 1 + 1) / 4)
-
-
-def test_lr_schedules_against_hand_values():
-    from mixcli_wemoe.adapt import lr_scheduler
-
-    def rates(schedule, steps=4):
-        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-        sched, seen = lr_scheduler(opt, steps, schedule), []
-        for _ in range(steps + 1):
-            seen.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        return seen
-
-    assert rates("constant") == pytest.approx([0.5] * 5)
-    # 0.5 * (0.1 + 0.9 * (1 + cos(pi * s / 4)) / 2) for s = 0..4
-    assert rates("cosine") == pytest.approx([0.5, 0.434099, 0.275, 0.115901, 0.05], rel=1e-5)
 
 
 def test_bad_inputs(family, tmp_path):
@@ -355,8 +338,11 @@ def test_bad_inputs(family, tmp_path):
           "typo.toml: [adapt]: unknown key 'max_step' (did you mean 'max_steps'?)")
     fails(["merge", project(tmp_path, family, adapt='task_id_loss = "mse"', name="form.toml")],
           "form.toml: [adapt]: 'task_id_loss' must be 'ce' or 'one_hot', got 'mse'")
-    fails(["merge", project(tmp_path, family, adapt='lr_schedule = "linear"', name="sched.toml")],
-          "sched.toml: [adapt]: 'lr_schedule' must be 'constant' or 'cosine', got 'linear'")
+    fails(["merge", project(tmp_path, family, adapt='lr_scheduler_type = "step"', name="sched.toml")],
+          "sched.toml: [adapt]: 'lr_scheduler_type' must be 'constant', 'linear', 'cosine', got 'step'")
+    fails(["merge", project(tmp_path, family, adapt='lr_schedule = "cosine"', name="old.toml")],
+          "old.toml: [adapt]: 'lr_schedule' is now 'lr_scheduler_type'; lr_schedule = \"cosine\" was "
+          "lr_scheduler_type = \"cosine\" with min_lr_rate = 0.1")
     cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
     torch.manual_seed(0)
     gpt = transformers.GPT2Model(cfg)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mixcli.training import all_reduce
+
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".router.weight")
 
 
@@ -43,15 +45,6 @@ class RouterCapture:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def balance_loss(layer_logits: list, mask: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,7 +4,6 @@ beside the target, renamed at the end), with the tuning log and loss curve besid
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -36,26 +35,12 @@ class _Same:
 
 
 def loss_curve(history: list[dict], before, after) -> bytes:
-    import matplotlib
+    from mixcli.training import loss_curve as curve
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4))
     steps = [h["step"] for h in history]
-    axis.plot(steps, [h["loss"] for h in history], label="train loss (CE + coef * aux)", linewidth=1)
-    axis.plot(steps, [h["ce"] for h in history], label="train CE", linewidth=1, alpha=0.7)
-    if before and after:
-        axis.scatter([0, steps[-1]], [before["ce"], after["ce"]], color="black", zorder=3, label="held-out CE")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.set_title("mixcli tune: router tuning")
-    axis.legend()
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    points = {"held-out CE": ([0, steps[-1]], [before["ce"], after["ce"]])} if before and after else None
+    return curve(steps, {"train loss (CE + coef * aux)": [h["loss"] for h in history],
+                         "train CE": [h["ce"] for h in history]}, "mixcli tune: router tuning", points=points)
 
 
 def save_tuned(source: Path, target: Path, model, trainable: list[str], settings, log: dict, project,

@@ -1,4 +1,5 @@
-"""The router-tuning loop behind ``mixcli tune`` (data, DDP, loss, log, plot, atomic save)."""
+"""Router tuning behind ``mixcli tune``: data, loss, log and atomic save; the processes, loop,
+learning-rate schedule and loss curve are mixcli's training runtime (:mod:`mixcli.training`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from mixcli.errors import first_line
 from mixcli.loading import from_pretrained
 
 from ._balance import RouterCapture, balance_loss, is_router, load_fractions
-from .tune import world
 
 
 def load_texts(settings, project_dir: Path, eos: str) -> list[tuple[str, str | None]]:
@@ -150,23 +150,24 @@ def load_tokenizer(source: Path):
 
 
 def train(source: Path, target: Path, settings, project, *, force: bool, progress: bool):
-    import torch.distributed as dist
-    import transformers
-
-    from mixcli.plugins import register_architectures
-
-    rank, size, local = world()
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise MixcliError("[tune] device is 'cuda', but torch sees no CUDA device here; use 'auto' or 'cpu'")
     cuda = torch.cuda.is_available() and settings.device in ("auto", "cuda")
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if not cuda and size > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // size))
-    register_architectures()
-    from mixcli.progress import quiet_libraries
+    from mixcli.training import distributed
 
+    with distributed("cuda" if cuda else "cpu") as world:
+        return _train(source, target, settings, project, world, cuda, force, progress)
+
+
+def _train(source: Path, target: Path, settings, project, world, cuda: bool, force: bool, progress: bool):
+    import transformers
+
+    from mixcli.plugins import register_architectures
+    from mixcli.progress import quiet_libraries
+    from mixcli.training import Step, all_reduce, train_steps
+
+    device = torch.device(f"cuda:{world.local_rank}" if cuda else "cpu")
+    register_architectures()
     quiet_libraries()  # transformers' "Loading weights" bar would sit above ours
     torch.manual_seed(settings.seed)
     # the config and data are read before the model, so that a mistake fails before any weight is loaded
@@ -176,8 +177,12 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
     sequences = tokenize(tokenizer, rows, settings)
     if len(sequences) < 2:
         raise MixcliError(f"[tune] data: {len(sequences)} rows of two tokens or more; router tuning needs at least 2")
+    if settings.batch_size % world.size:
+        raise MixcliError(f"[tune] batch_size ({settings.batch_size}) must be divisible by the number of "
+                          f"processes ({world.size})")
+    mine = world.share(settings.batch_size, "[tune]")
     model = from_pretrained(transformers.AutoModelForCausalLM, source, "mixcli tune", dtype=torch.float32).to(device)
-    if k == 1 and rank == 0:
+    if k == 1 and world.main:
         from ._build import warn
 
         warn(f"{project.where}: [tune]: the model routes each token to 1 expert, whose renormalised weight is "
@@ -189,63 +194,39 @@ def train(source: Path, target: Path, settings, project, *, force: bool, progres
     held = min(len(order) - 1, math.ceil(settings.eval_fraction * len(order))) if settings.eval_fraction else 0
     held_out = [sequences[i] for i in order[:held]]
     train_set = [sequences[i] for i in order[held:]]
-    if settings.batch_size % size:
-        raise MixcliError(f"[tune] batch_size ({settings.batch_size}) must be divisible by the number of "
-                          f"processes ({size})")
-    per_rank = settings.batch_size // size
     capture = RouterCapture(model)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     before = evaluate(model, capture, held_out, pad, k, settings.batch_size) if held_out else None
     model.train()
-    net = model
-    if size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[local] if cuda else None)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sampler = torch.Generator().manual_seed(settings.seed + 1)
     stream: list[int] = []
-    history = []
-    from mixcli.progress import progress as progress_bar
 
-    with progress_bar("tuning routers", settings.steps, enabled=progress and rank == 0) as bar:
-        for step in range(settings.steps):
-            while len(stream) < settings.batch_size:
-                stream += torch.randperm(len(train_set), generator=sampler).tolist()
-            chosen, stream = stream[:settings.batch_size], stream[settings.batch_size:]
-            mine = chosen[rank * per_rank:(rank + 1) * per_rank]
-            ids, mask, labels = (t.to(device) for t in batch_tensors([train_set[i] for i in mine], pad))
-            tokens = _reduce(torch.tensor(float((labels[:, 1:] != -100).sum()), device=device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss, ce_sum, aux, _ = losses(net, capture, ids, mask, labels, k, float(tokens), settings.aux_loss_coef)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * size).backward()  # DDP averages the ranks' gradients; the loss is already global
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            optimizer.step()
-            ce = float(_reduce(ce_sum.detach())) / float(tokens)
-            aux_value = float(_reduce(aux.detach()))
-            history.append({"step": step + 1, "ce": ce, "aux": aux_value, "loss": ce + settings.aux_loss_coef * aux_value})
-            bar.advance(loss=history[-1]["loss"])
+    def step(_):
+        nonlocal stream
+        while len(stream) < settings.batch_size:
+            stream += torch.randperm(len(train_set), generator=sampler).tolist()
+        chosen, stream = stream[:settings.batch_size], stream[settings.batch_size:]
+        ids, mask, labels = (t.to(device) for t in batch_tensors([train_set[i] for i in chosen[mine]], pad))
+        tokens = all_reduce(torch.tensor(float((labels[:, 1:] != -100).sum()), device=device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, ce_sum, aux, _ = losses(model, capture, ids, mask, labels, k, float(tokens), settings.aux_loss_coef)
+        ce = float(all_reduce(ce_sum.detach())) / float(tokens)
+        aux_value = float(all_reduce(aux.detach()))
+        # the ranks' gradients are averaged; each rank's loss is its share of the global loss
+        return Step(loss * world.size, {"ce": ce, "aux": aux_value, "loss": ce + settings.aux_loss_coef * aux_value})
+
+    history = train_steps(step, params, optimizer, settings.steps, schedule=settings.schedule(),
+                          grad_clip=settings.grad_clip, label="tuning routers", progress=progress).rows
     capture.clear()
     after = evaluate(model, capture, held_out, pad, k, settings.batch_size) if held_out else None
     capture.remove()
-    result = None
-    if rank == 0:
-        log = {"settings": settings.__dict__, "source": str(source), "world_size": size,
-               "trainable": trainable, "trainable_parameters": sum(p.numel() for p in params),
-               "before": before, "after": after, "history": history}
-        from ._save import save_tuned
+    if not world.main:
+        return None
+    log = {"settings": settings.__dict__, "source": str(source), "world_size": world.size,
+           "trainable": trainable, "trainable_parameters": sum(p.numel() for p in params),
+           "before": before, "after": after, "history": history}
+    from ._save import save_tuned
 
-        save_tuned(source, target, model, trainable, settings, log, project, force)
-        result = {"output": target, "before": before or history[0], "after": after or history[-1]}
-    if size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
-
-
-def _reduce(value: torch.Tensor) -> torch.Tensor:
-    from ._balance import all_reduce
-
-    return all_reduce(value)
+    save_tuned(source, target, model, trainable, settings, log, project, force)
+    return {"output": target, "before": before or history[0], "after": after or history[-1]}

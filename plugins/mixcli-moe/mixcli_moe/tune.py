@@ -2,16 +2,16 @@
 
 Reads the project's ``[tune]`` table (keys in :data:`KEYS`), loads the output model (or
 ``--model``), freezes everything but the routers (and any ``train_modules``), and minimises
-``CE + aux_loss_coef * L_aux`` on a small local data set. Under ``torchrun`` (WORLD_SIZE set)
-it runs data-parallel with DDP (gloo on CPU, nccl on GPUs); the global batch is split over
-the ranks so the result matches one process with the same batch. Rank 0 writes the tuned
-model atomically, a loss curve (PNG) and a log.
+``CE + aux_loss_coef * L_aux`` on a small local data set, with the learning-rate schedule of
+:mod:`mixcli.training`. Under ``torchrun`` (WORLD_SIZE set) it runs data-parallel (gloo on
+CPU, nccl on GPUs; gradients averaged over the ranks); the global batch is split over the
+ranks so the result matches one process with the same batch. Rank 0 writes the tuned model
+atomically, a loss curve (PNG) and a log.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,6 +32,10 @@ class TuneSettings:
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-4
+    lr_scheduler_type: str = "constant"  # mixcli.training.SCHEDULE_KEYS
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_rate: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01
@@ -41,6 +45,11 @@ class TuneSettings:
     output: str = ""
     device: str = "auto"
     save_routers: bool = False
+
+    def schedule(self):
+        from mixcli.training import Schedule
+
+        return Schedule(self.lr_scheduler_type, self.warmup_steps, self.warmup_ratio, self.min_lr_rate)
 
 
 KEYS = tuple(f.name for f in fields(TuneSettings))
@@ -83,6 +92,9 @@ def read_settings(project) -> TuneSettings:
                           + f", got {settings.device!r}")
     if not 0 <= settings.eval_fraction < 1:
         raise MixcliError(f"{where}: eval_fraction must be in [0, 1)")
+    from mixcli.training import read_schedule
+
+    read_schedule(table, where)  # the schedule keys' one-line errors
     settings.train_modules = list(settings.train_modules or [])
     if settings.seed < 0:
         settings.seed = project.seed
@@ -135,8 +147,3 @@ def tune_command(project, model, out, force, no_progress):
         click.echo(f"wrote {result['output']} (CE {result['before']['ce']:.4f} -> {result['after']['ce']:.4f}, "
                    f"aux {result['before']['aux']:.4f} -> {result['after']['aux']:.4f})")
 
-
-def world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) without it."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0"))

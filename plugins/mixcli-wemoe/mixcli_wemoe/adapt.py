@@ -1,13 +1,8 @@
-"""Training the routers: the ``[adapt]`` table, and test-time adaptation (TTA) by entropy
-minimisation (spec §1.4) for we_moe, sparse_we_moe and rank_one_moe; pwe_moe's labeled
-LS/EPO training lives in :mod:`mixcli_wemoe.pareto` and shares these settings.
-
-Per step, every task draws ``batch_size`` unlabeled inputs from its own stream (seeded
-shuffles, cycling), the loss is the mean prediction entropy of its head; only router
-parameters train (Adam; constant lr unless ``lr_schedule = "cosine"``). Under ``torchrun``
-every process takes an equal share of each task's batch and the router gradients are
-averaged across processes (gloo on CPU, nccl on CUDA), so N processes follow the same
-trajectory as one with the same global batch.
+"""Training the routers: the ``[adapt]`` table, the tasks it reads, the report and the
+written record. The training itself is test-time adaptation (:mod:`.tta`, entropy
+minimisation, spec §1.4) for we_moe, sparse_we_moe and rank_one_moe and labeled LS/EPO
+training (:mod:`.pareto`) for pwe_moe, both on mixcli's training runtime
+(:mod:`mixcli.training`: processes under torchrun, loop, learning-rate schedule, loss curve).
 """
 
 from __future__ import annotations
@@ -27,8 +22,11 @@ KEYS = {
     "max_samples": (0, int, "use at most this many samples per task (0: all)"),
     "max_steps": (1000, int, "optimizer steps"),
     "lr": (1e-4, float, "Adam learning rate"),
-    "lr_schedule": ("constant", str, "'constant' (the paper) or 'cosine' (annealed to 0.1·lr over max_steps); "
-                                     "pwe_moe always anneals"),
+    "lr_scheduler_type": ("constant", str, "'constant' (the paper), 'linear' or 'cosine' (decay to "
+                                           "min_lr_rate·lr at the last step); pwe_moe: 'cosine'"),
+    "warmup_steps": (0, int, "steps of linear warm-up to lr (0: none, or warmup_ratio)"),
+    "warmup_ratio": (0.0, float, "warm-up as a share of max_steps, used when warmup_steps is 0"),
+    "min_lr_rate": (0.0, float, "where linear and cosine decay end, as a multiple of lr; pwe_moe: 0.1"),
     "batch_size": (16, int, "samples per task per step (the global batch under torchrun)"),
     "batch_reduce": (True, bool, "route with the batch mean during adaptation (inference stays per sample)"),
     "use_grad_accumulate": (True, bool, "back-propagate task by task (same gradient, less memory)"),
@@ -45,15 +43,21 @@ KEYS = {
     "eval_grid_m": (2, int, "pwe_moe only: preference grid of multiples of 1/(m-1) evaluated at the end"),
 }
 # the string keys that accept only these values
-CHOICES = {"task_id_loss": ("ce", "one_hot"), "lr_schedule": ("constant", "cosine")}
-ROUTE_TEMPERATURE = 0.1
+CHOICES = {"task_id_loss": ("ce", "one_hot")}
+# pwe_moe's own defaults (FusionBench's): a lower lr, annealed along a cosine to 0.1·lr
+PWE_DEFAULTS = {"lr": 1e-5, "lr_scheduler_type": "cosine", "min_lr_rate": 0.1}
 
 
 def settings(section: dict, where: str, pwe: bool = False) -> dict:
     from mixcli.errors import closest
 
+    from mixcli.training import Schedule, read_schedule
+
     out = {}
     for key, value in section.items():
+        if key == "lr_schedule":  # the name before the shared schedule
+            raise MixcliError(f"{where}: 'lr_schedule' is now 'lr_scheduler_type'; lr_schedule = \"cosine\" was "
+                              "lr_scheduler_type = \"cosine\" with min_lr_rate = 0.1")
         if key not in KEYS:
             raise MixcliError(f"{where}: unknown key '{key}'{closest(key, KEYS)}")
         default, kind, _ = KEYS[key]
@@ -78,10 +82,10 @@ def settings(section: dict, where: str, pwe: bool = False) -> dict:
         full["objective"] = full["objective"] or "ls"
         if full["objective"] not in ("ls", "epo"):
             raise MixcliError(f"{where}: 'objective' must be 'ls' or 'epo', got {full['objective']!r}")
-        if KEYS["lr"][0] == full["lr"] and "lr" not in out:
-            full["lr"] = 1e-5
+        full.update({key: value for key, value in PWE_DEFAULTS.items() if key not in out})
     elif full["objective"]:
         raise MixcliError(f"{where}: 'objective' applies to pwe_moe only")
+    read_schedule(full, where, Schedule())  # the schedule's own checks (names, ranges)
     return full
 
 
@@ -114,176 +118,6 @@ def load_tasks(model, folders: dict, opts: dict, where: str, split: str | None =
                       opts["max_samples"]) for name in chosen]
 
 
-class Stream:
-    """A task's endless, seeded shuffle of sample indices."""
-
-    def __init__(self, size: int, seed: int):
-        import torch
-
-        self.size, self.gen, self.order, self.pos = size, torch.Generator().manual_seed(seed), None, 0
-
-    def take(self, count: int):
-        import torch
-
-        out = []
-        while len(out) < count:
-            if self.order is None or self.pos >= self.size:
-                self.order, self.pos = torch.randperm(self.size, generator=self.gen), 0
-            step = min(count - len(out), self.size - self.pos)
-            out.extend(self.order[self.pos:self.pos + step].tolist())
-            self.pos += step
-        return torch.tensor(out)
-
-
-def entropy(z):
-    import torch
-
-    p = torch.softmax(z, dim=-1)
-    return -(p * torch.log(p + 1e-8)).sum(-1)
-
-
-def world():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_share(batch_size: int, size: int) -> int:
-    """Samples per task each of ``size`` processes takes from the global batch."""
-    if batch_size % size:
-        raise MixcliError(f"[adapt] batch_size {batch_size} is not divisible by the {size} processes; "
-                          f"set it to a multiple of {size}")
-    return batch_size // size
-
-
-def router_optimizer(model, device, lr: float, seed: int):
-    """Seed torch, move ``model`` to ``device`` in eval mode (no dropout; gradients still reach
-    the routers), freeze everything but the routers; return them and an Adam over them."""
-    import torch
-
-    torch.manual_seed(seed)
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.router_parameters()
-    for p in params:
-        p.requires_grad_(True)
-    return params, torch.optim.Adam(params, lr=lr)
-
-
-def lr_scheduler(opt, steps: int, schedule: str):
-    """Constant, or cosine annealing from ``lr`` to ``0.1·lr`` over ``steps``."""
-    import torch
-
-    if schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
-
-
-def tta(model, tasks: list, opts: dict, seed: int, log=print, progress: bool = False) -> dict:
-    """Entropy minimisation of the routers, in place; returns the loss history."""
-    import torch
-    import torch.distributed as dist
-
-    from .tasks import logits
-
-    rank, size = world()
-    device = torch.device(opts["device"])
-    share = rank_share(opts["batch_size"], size)
-    names = list(model.config.expert_names)
-    params, opt = router_optimizer(model, device, opts["lr"], seed)
-    sched = lr_scheduler(opt, opts["max_steps"], opts["lr_schedule"])
-    streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
-    old_reduce = model.routing.batch_reduce
-    model.set_batch_reduce(opts["batch_reduce"])
-    history = {"step": [], "loss": [], "tasks": {t.name: [] for t in tasks}}
-    k = model.config.rank_k if model.config.expert_kind == "rank_one" else 1
-    from mixcli.progress import progress as progress_bar
-
-    bar = progress_bar("adapting routers", opts["max_steps"], enabled=progress and rank == 0).start()
-    try:
-        for step in range(opts["max_steps"]):
-            opt.zero_grad(set_to_none=True)
-            total, parts = 0.0, []
-            for task, stream in zip(tasks, streams):
-                index = stream.take(opts["batch_size"])[rank * share:(rank + 1) * share]
-                with model.recording() as record:
-                    z = logits(model, task, task.batch(index), device) * opts["logit_scale"]
-                loss = entropy(z).mean()
-                parts.append(loss.detach())
-                if opts["task_id_weight"] and task.name in names:
-                    loss = loss + opts["task_id_weight"] * _task_id_loss(record, names.index(task.name), k,
-                                                                              opts["task_id_loss"])
-                if opts["use_grad_accumulate"]:
-                    loss.backward()
-                else:
-                    total = total + loss
-            if not opts["use_grad_accumulate"]:
-                total.backward()
-            values = torch.stack(parts)
-            if size > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= size
-                dist.all_reduce(values)
-                values /= size
-            opt.step()
-            sched.step()
-            values = values.cpu().tolist()
-            history["step"].append(step + 1)
-            history["loss"].append(sum(values))
-            for task, value in zip(tasks, values):
-                history["tasks"][task.name].append(value)
-            bar.advance(entropy=sum(values))
-            if rank == 0 and opts["eval_every"] and (step + 1) % opts["eval_every"] == 0:
-                _monitor(model, tasks, device, log, step + 1)
-    finally:
-        bar.close()
-        model.set_batch_reduce(old_reduce)
-        for p in params:
-            p.requires_grad_(False)
-    return history
-
-
-def _task_id_loss(record, target: int, k: int, form: str = "ce"):
-    """How far each block's coefficients are from naming the stream's task: cross-entropy of the
-    per-expert sums (temperature 0.1), or ("one_hot") the mean squared distance to the oracle
-    routing, 1 on every coefficient of the stream's task and 0 elsewhere."""
-    import torch
-    import torch.nn.functional as F
-
-    losses = []
-    for _, c in record:
-        c = c if c.dim() == 2 else c.unsqueeze(0)
-        c = c.reshape(c.shape[0], -1, k)
-        if form == "one_hot":
-            oracle = torch.zeros_like(c)
-            oracle[:, target] = 1.0
-            losses.append(F.mse_loss(c, oracle))
-        else:
-            losses.append(F.cross_entropy(c.sum(-1) / ROUTE_TEMPERATURE,
-                                          torch.full((c.shape[0],), target, device=c.device)))
-    return torch.stack(losses).mean()
-
-
-def _monitor(model, tasks, device, log, step) -> None:
-    from .diagnostics import accuracy, collapse, routing_stats
-
-    names = list(model.config.expert_names)
-    stats = routing_stats(model, tasks, device)
-    accs = {t.name: accuracy(model, t, device) for t in tasks}
-    shown = ", ".join(f"{n} {a:.3f}" for n, a in accs.items() if a is not None)
-    log(f"step {step}: held-out accuracy (monitoring only) {shown or 'n/a'}")
-    reason = collapse(stats, names)
-    if reason:
-        log(f"warning: step {step}: {reason}")
-
-
 def report(model, tasks: list, opts: dict, history: dict, log=print) -> dict:
     """Routing statistics, collapse check, accuracies and the oracle-routing bound."""
     from .diagnostics import accuracy, collapse, oracle_accuracy, routing_stats, specificity, stats_table
@@ -308,28 +142,13 @@ def report(model, tasks: list, opts: dict, history: dict, log=print) -> dict:
             "final_loss": history["loss"][-1] if history["loss"] else None}
 
 
-def loss_plot(history: dict, path: Path, title: str = "router adaptation") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["step"], history["loss"], label="total", color="black", linewidth=2)
-    for name, values in history["tasks"].items():
-        ax.plot(history["step"], values, label=name, linewidth=1, alpha=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel(history.get("ylabel", "entropy"))
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run(model, folders: dict, opts: dict, seed: int, where: str, log=print, progress: bool = False) -> dict:
     """Adapt ``model`` in place (TTA, or PWE training); return the record saved in its config."""
     import torch
+
+    from mixcli.training import current_world
+
+    from .tta import tta
 
     check_device(opts["device"], where)
     pwe = model.config.router_input == "preference"
@@ -342,15 +161,16 @@ def run(model, folders: dict, opts: dict, seed: int, where: str, log=print, prog
         return record
     from .diagnostics import accuracy
 
-    before = {t.name: accuracy(model, t, opts["device"]) for t in tasks} if world()[0] == 0 else {}
-    history = tta(model, tasks, opts, seed, log, progress)
+    main = current_world().main
+    before = {t.name: accuracy(model, t, opts["device"]) for t in tasks} if main else {}
+    history = tta(model, tasks, opts, seed, where, log, progress)
     record = {"accuracy_before": before, "settings": opts, "seed": seed, "objective": "entropy",
               "threads": torch.get_num_threads(),
               "data": {t.name: {"split": t.split, "path": t.data_path} for t in tasks}}
     pruned = prune_routers(model)
     if pruned is not None:
         record["post_sparse_gate"] = pruned
-    if world()[0] == 0:
+    if main:
         record.update(report(model, tasks, opts, history, log))
     record["history"] = history
     return record
@@ -385,7 +205,10 @@ def finish(folder: Path, record: dict) -> None:
     record = json.loads(json.dumps(record, default=str))
     update_config(folder, lambda config: config["mixcli"].__setitem__("adapt", record))
     if history:
-        loss_plot(history, folder / "adapt_loss.png")
+        from ._training import loss_plot
+
+        title = "PWE-MoE router training" if record.get("objective") in ("ls", "epo") else "router adaptation"
+        (folder / "adapt_loss.png").write_bytes(loss_plot(history, title))
         (folder / "adapt_log.json").write_text(json.dumps(history) + "\n")
 
 

@@ -2,13 +2,12 @@
 the project's ``[adapt]`` settings (defaults without one), write it atomically.
 
 Under ``torchrun --nproc_per_node N -m mixcli adapt ...`` every process builds the model,
-takes 1/N of each task's batch and averages router gradients (gloo on CPU, nccl on CUDA);
-process 0 writes the output.
+takes 1/N of each task's batch and averages router gradients (mixcli's training runtime:
+gloo on CPU, nccl on CUDA); process 0 writes the output.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -16,28 +15,12 @@ import click
 METHODS = ("we_moe", "sparse_we_moe", "rank_one_moe", "pwe_moe")
 
 
-def _init_distributed(device: str) -> bool:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return True
-
-
 def adapt_project(project: Path, out: Path | None = None, force: bool = False, device: str | None = None,
                   max_steps: int | None = None, progress: bool = False, log=None) -> Path | None:
     """The command's work; returns the output folder (None on processes other than 0)."""
-    from mixcli import MixcliError, core, engine
-    from mixcli.target import protected_folders
+    from mixcli import MixcliError, core
 
     from . import adapt
-    from .construction import model_from_plan
 
     log = log or (lambda message: click.echo(message, err=True))
     registry = core.get_registry()
@@ -54,34 +37,40 @@ def adapt_project(project: Path, out: Path | None = None, force: bool = False, d
         opts["device"] = device
     if max_steps is not None:
         opts["max_steps"] = max_steps
-    distributed = _init_distributed(opts["device"])
-    rank = adapt.world()[0]
-    if rank == 0:
+    from mixcli.training import distributed
+
+    with distributed(opts["device"]) as world:
+        return _adapt(proj, project, target, opts, force, where, log, progress, world)
+
+
+def _adapt(proj, project: Path, target: Path, opts: dict, force: bool, where: str, log, progress: bool, world):
+    from mixcli import core, engine
+    from mixcli.target import protected_folders
+
+    from . import adapt
+    from .construction import model_from_plan
+
+    if world.main:
         engine.check_target(target.absolute(), force, protected_folders(proj), proj.file)
     prepared = core.prepare(project)
     plan = prepared.plan
     model = model_from_plan(plan)
     folders = {name: ckpt.path for name, ckpt in prepared.models.items()}
     seed = proj.seed if opts["seed"] is None else opts["seed"]
-    record = adapt.run(model, folders, opts, seed, where, log=log if rank == 0 else (lambda m: None),
-                       progress=progress and rank == 0)
-    written = None
-    if rank == 0:
-        recipe = core.recipe(proj)
-        card = core.model_card(prepared, recipe, title=target.name, step=(
-            "its routers were then trained by `mixcli adapt` with the recipe's [adapt] settings "
-            "(adapt_log.json): `mixcli adapt mixcli.toml --out NEW` repeats it."))
-        adapted = adapt.adapted_plan(plan, model.cpu(), record, folders)
-        written = engine.write_plan(adapted, target, force=force, shard_size=proj.shard_size,
-                                    card=card, recipe=recipe,
-                                    copy_tokenizer=proj.copy_tokenizer, progress=False,
-                                    protected=protected_folders(proj, prepared.models), project_file=proj.file)
-        log(f"wrote {written}")
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    record = adapt.run(model, folders, opts, seed, where, log=log if world.main else (lambda m: None),
+                       progress=progress and world.main)
+    if not world.main:
+        return None
+    recipe = core.recipe(proj)
+    card = core.model_card(prepared, recipe, title=target.name, step=(
+        "its routers were then trained by `mixcli adapt` with the recipe's [adapt] settings "
+        "(adapt_log.json): `mixcli adapt mixcli.toml --out NEW` repeats it."))
+    adapted = adapt.adapted_plan(plan, model.cpu(), record, folders)
+    written = engine.write_plan(adapted, target, force=force, shard_size=proj.shard_size,
+                                card=card, recipe=recipe,
+                                copy_tokenizer=proj.copy_tokenizer, progress=False,
+                                protected=protected_folders(proj, prepared.models), project_file=proj.file)
+    log(f"wrote {written}")
     return written
 
 

@@ -7,8 +7,9 @@ router, each task contributes the cross-entropy ``L_i`` of its head on a labeled
   over the per-task gradients (a *balance* step while the loss profile ``p ⊙ L`` is not uniform,
   else a *descent* step); ``a = p / Σp`` when the LP fails. Solved with scipy's HiGHS.
 
-Adam, cosine annealing from ``lr`` to ``0.1·lr``. At the end every point of the preference
-grid (multiples of ``1/(m−1)``) is evaluated when the data has labels.
+Adam, with the ``[adapt]`` learning-rate schedule (by default cosine annealing from ``lr`` to
+``0.1·lr``); the processes, loop and schedule are mixcli's training runtime. At the end every
+point of the preference grid (multiples of ``1/(m−1)``) is evaluated when the data has labels.
 """
 
 from __future__ import annotations
@@ -67,71 +68,55 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
     import torch
     import torch.nn.functional as F
 
-    from mixcli.progress import progress as progress_bar
+    from mixcli import MixcliError
+    from mixcli.training import Step, current_world, train_steps
 
-    from .adapt import Stream, lr_scheduler, rank_share, router_optimizer, world
+    from ._training import Stream, history, router_optimizer, schedule
     from .diagnostics import accuracy
     from .tasks import logits
 
-    rank, size = world()
+    world = current_world()
     device = torch.device(opts["device"])
     n, steps = model.config.num_experts, opts["max_steps"]
     names = list(model.config.expert_names)
     for task in tasks:
         if task.labels is None:
-            from mixcli import MixcliError
-
             raise MixcliError(f"{where}: task '{task.name}' has no labels in {task.data_path}; pwe_moe trains on "
                               "labeled data")
+    mine = world.share(opts["batch_size"], where)
     params, opt = router_optimizer(model, device, opts["lr"], seed)
-    sched = lr_scheduler(opt, steps, "cosine")
     dirichlet = torch.distributions.Dirichlet(torch.full((n,), float(opts["alpha"])))
     streams = [Stream(len(t), seed * 1000 + i) for i, t in enumerate(tasks)]
-    share = rank_share(opts["batch_size"], size)
-    history = {"step": [], "loss": [], "tasks": {t.name: [] for t in tasks}, "ylabel": "cross-entropy", "moves": {}}
-    bar = progress_bar("training preference routers", steps, enabled=progress and rank == 0).start()
-    try:
-        for step in range(steps):
-            pref = dirichlet.sample()
-            model.set_preference(pref)
-            losses = []
-            for task, stream in zip(tasks, streams):
-                index = stream.take(opts["batch_size"])[rank * share:(rank + 1) * share]
-                z = logits(model, task, task.batch(index), device)
-                losses.append(F.cross_entropy(z, task.labels[index].to(device)))
-            weights = torch.stack([pref[names.index(t.name)] for t in tasks]).to(device)
-            if opts["objective"] == "epo":
-                grads = []
-                for loss in losses:
-                    g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                    grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
-                                            for x, p in zip(g, params)]))
-                a, move = epo_weights(np.array([float(v) for v in losses]), torch.stack(grads).cpu().double().numpy(),
-                                      weights.cpu().double().numpy())
-                history["moves"][move] = history["moves"].get(move, 0) + 1
-                total = len(losses) * sum(float(w) * loss for w, loss in zip(a, losses))
-            else:
-                total = sum(w * loss for w, loss in zip(weights, losses))
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if size > 1:
-                import torch.distributed as dist
+    moves: dict = {}
 
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= size
-            opt.step()
-            sched.step()
-            values = [float(v) for v in losses]
-            history["step"].append(step + 1)
-            history["loss"].append(sum(values))
-            for task, value in zip(tasks, values):
-                history["tasks"][task.name].append(value)
-            bar.advance(loss=sum(values))
+    def step(_):
+        pref = dirichlet.sample()
+        model.set_preference(pref)
+        losses = []
+        for task, stream in zip(tasks, streams):
+            index = stream.take(opts["batch_size"])[mine]
+            z = logits(model, task, task.batch(index), device)
+            losses.append(F.cross_entropy(z, task.labels[index].to(device)))
+        weights = torch.stack([pref[names.index(t.name)] for t in tasks]).to(device)
+        if opts["objective"] == "epo":
+            grads = []
+            for loss in losses:
+                g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
+                                        for x, p in zip(g, params)]))
+            a, move = epo_weights(np.array([float(v) for v in losses]), torch.stack(grads).cpu().double().numpy(),
+                                  weights.cpu().double().numpy())
+            moves[move] = moves.get(move, 0) + 1
+            total = len(losses) * sum(float(w) * loss for w, loss in zip(a, losses))
+        else:
+            total = sum(w * loss for w, loss in zip(weights, losses))
+        values = [float(v) for v in losses]
+        return Step(total, {"loss": sum(values), **{("task", t.name): v for t, v in zip(tasks, values)}})
+
+    try:
+        record = train_steps(step, params, opt, steps, schedule=schedule(opts),
+                             label="training preference routers", progress=progress)
     finally:
-        bar.close()
         for p in params:
             p.requires_grad_(False)
     front = []
@@ -139,8 +124,9 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
         model.set_preference([v + 1e-12 for v in point])
         front.append({"preference": point, "accuracy": {t.name: accuracy(model, t, device) for t in tasks}})
     model.set_preference([1.0] * n)
-    if rank == 0:
+    if world.main:
         for row in front:
             log(f"preference {row['preference']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["accuracy"].items()))
-    return {"objective": opts["objective"], "settings": opts, "seed": seed, "front": front, "history": history,
+    return {"objective": opts["objective"], "settings": opts, "seed": seed, "front": front,
+            "history": history(record, tasks, ylabel="cross-entropy", moves=moves),
             "data": {t.name: {"split": t.split, "path": t.data_path} for t in tasks}}

@@ -1,4 +1,4 @@
-"""Shared helpers: seeding, a tiny minibatch loop, safetensors I/O, manifests."""
+"""Shared helpers: seeding, minibatches and the zoo's training loop (on mixcli.training), manifests."""
 
 from __future__ import annotations
 
@@ -52,32 +52,20 @@ def train_loop(
     warmup: int = 0,
     label: str = "training",
 ) -> float:
-    """AdamW with linear warmup and cosine decay, shown as a progress bar named ``label``;
-    returns the last loss."""
-    from mixcli.progress import progress
+    """AdamW with linear warmup and cosine decay (mixcli's training runtime), shown as a progress
+    bar named ``label``; returns the last loss."""
+    from mixcli.training import Schedule, Step, train_steps
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    import math
+    order = iter(batches(n, batch_size, steps, gen))
 
-    def lr_at(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(steps - warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    def step(_):
+        loss = loss_fn(next(order))
+        return Step(loss, {"loss": loss.item()})
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    last = float("nan")
-    with progress(label, steps) as bar:
-        for idx in batches(n, batch_size, steps, gen):
-            loss = loss_fn(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            last = loss.item()
-            bar.advance(loss=last)
-    return last
+    record = train_steps(step, params, opt, steps, schedule=Schedule("cosine", warmup_steps=warmup),
+                         grad_clip=1.0, label=label)
+    return record.last.get("loss", float("nan"))
 
 
 def write_json(path: Path, obj) -> None:
