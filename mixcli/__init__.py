@@ -3,10 +3,10 @@
 __version__ = "0.1.0"
 
 from .architecture import ArchitectureLayout  # noqa: E402
-from .components import Evaluator, MergeMethod, ModelLoader, Upscaler  # noqa: E402
+from .components import Evaluator, MergeMethod, ModelLoader, ProjectSection, SearchStrategy, Upscaler  # noqa: E402
 from .errors import MixcliError  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .params import REQUIRED, param  # noqa: E402
 
-__all__ = ["ArchitectureLayout", "Evaluator", "MergeMethod", "ModelLoader", "Upscaler", "MixcliError", "hookimpl",
-           "param", "REQUIRED", "__version__"]
+__all__ = ["ArchitectureLayout", "Evaluator", "MergeMethod", "ModelLoader", "ProjectSection", "SearchStrategy",
+           "Upscaler", "MixcliError", "hookimpl", "param", "REQUIRED", "__version__"]

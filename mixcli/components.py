@@ -1,4 +1,5 @@
-"""What plugins register: model loaders, merge methods, upscalers, evaluators.
+"""What plugins register: model loaders, merge methods, upscalers, evaluators, project
+sections and search strategies.
 
 Each is a small frozen record of a name, a one-line summary, a typed parameter dataclass
 (see :mod:`mixcli.params`) and the function that does the work. None of this imports
@@ -115,6 +116,9 @@ class Evaluator:
     summary: str
     evaluate: Callable[[Any], dict]
     params: type | None = None
+    # the metrics it returns, each "higher" or "lower" (which way is better); "*" stands for
+    # names that vary (one per task): a search's fitness may only use metrics declared here
+    metrics: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
     kind: str = "evaluator"
 
     @property
@@ -136,3 +140,36 @@ class ModelLoader:
     accepts: Callable[[Any], bool]
     load: Callable[[Any], Any]
     kind: str = "loader"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectSection:
+    """A top-level table any project may carry, read by a plugin's command (``[search]`` for
+    ``mixcli evolve``) rather than by the method.
+
+    ``check(project, method, registry)`` is called by :func:`mixcli.project.check` (so by
+    ``mixcli validate``) after the method and its parameters are checked and before any weight
+    is read; it raises :class:`mixcli.MixcliError` for a mistake in the table.
+    """
+
+    name: str
+    summary: str
+    check: Callable[[Any, Any, Any], None]
+    kind: str = "section"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchStrategy:
+    """A black-box optimiser for recipe search, driven by ask and tell.
+
+    ``create(x0, sigma0, popsize, seed, binary)`` returns an object with ``ask() -> list of
+    genotypes`` (one generation, each a list of floats), ``tell(genotypes, losses)`` (lower is
+    better, one loss per asked genotype, in order) and ``popsize``; ``binary`` lists the gene
+    indices that are on/off switches (DFS indicators), which a strategy may treat as discrete.
+    The same seed and the same losses must give the same genotypes.
+    """
+
+    name: str
+    summary: str
+    create: Callable[..., Any]
+    kind: str = "strategy"

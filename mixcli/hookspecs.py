@@ -52,5 +52,19 @@ def register_architecture_layouts(register):
 
 
 @hookspec
+def register_project_sections(register):
+    """Called once when the registry is built. Call ``register(section)`` with a
+    :class:`mixcli.ProjectSection` for each top-level project table your commands read (whatever
+    the method); ``mixcli validate`` runs its check before any weight is read."""
+
+
+@hookspec
+def register_search_strategies(register):
+    """Called once when the registry is built. Call ``register(strategy)`` with a
+    :class:`mixcli.SearchStrategy` for each optimiser a recipe search (``mixcli evolve``) can
+    use, chosen by ``[search] strategy``."""
+
+
+@hookspec
 def register_commands(cli):
     """Called when the CLI starts. Add click commands to the ``cli`` group."""

@@ -33,6 +33,8 @@ class Registry:
     evaluators: dict = field(default_factory=dict)
     loaders: dict = field(default_factory=dict)
     layouts: dict = field(default_factory=dict)  # architecture layouts, by name
+    sections: dict = field(default_factory=dict)  # top-level project tables plugins' commands read
+    strategies: dict = field(default_factory=dict)  # search strategies (mixcli evolve), by name
     provider: dict = field(default_factory=dict)  # (kind, name) -> PluginInfo
     warnings: list[str] = field(default_factory=list)
 
@@ -106,6 +108,8 @@ def get_registry() -> Registry:
     _collect("register_upscalers", "method", registry.methods, registry, by_plugin_name)
     _collect("register_evaluators", "evaluator", registry.evaluators, registry, by_plugin_name)
     _collect("register_architecture_layouts", "layout", registry.layouts, registry, by_plugin_name)
+    _collect("register_project_sections", "section", registry.sections, registry, by_plugin_name)
+    _collect("register_search_strategies", "strategy", registry.strategies, registry, by_plugin_name)
     _registry = registry
     return registry
 

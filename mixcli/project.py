@@ -325,7 +325,8 @@ def check(project: Project, registry) -> Any:
     if method is None:
         raise MixcliError(f"{name}: [method] unknown method '{project.method}'"
                           f"{closest(project.method, registry.methods)}; `mixcli list-methods` shows them all")
-    own = tuple(getattr(method, "sections", ()))
+    method_tables = tuple(getattr(method, "sections", ()))
+    own = method_tables + tuple(registry.sections)
     for key in project.sections:
         if key not in own:
             hint = closest(key, own) or f" (method '{method.name}' reads no [{key}] table)"
@@ -378,6 +379,9 @@ def check(project: Project, registry) -> Any:
         for key, spec in especs.items():
             if spec.required and key not in evaluation.params:
                 raise MixcliError(f"{evaluation.where}: evaluator '{evaluator.name}' needs '{key}' ({spec.help})")
+    for key in project.sections:  # tables a plugin's command reads ([search]): their own checks
+        if key in registry.sections and key not in method_tables:
+            registry.sections[key].check(project, method, registry)
     return method
 
 

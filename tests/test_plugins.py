@@ -125,6 +125,38 @@ def test_a_plugin_that_fails_to_import_is_a_warning_not_a_failure(site):
     assert "failed to load" in mixcli(site, "plugins").stdout
 
 
+def test_project_section_and_search_strategy_hooks(site, tmp_path, llama_family):
+    example = next(p for p in json.loads(mixcli(site, "plugins", "--json").stdout)["plugins"]
+                   if p["package"] == "mixcli-example-plugin")
+    assert {"section:example_notes", "strategy:example_random"} <= set(example["provides"])
+    text = f"""
+[models]
+a = {{ path = "{llama_family['ft1']}", weight = 1.0 }}
+b = {{ path = "{llama_family['ft2']}", weight = 1.0 }}
+[method]
+name = "linear"
+[example_notes]
+author = 3
+"""
+    project = write_project(tmp_path, text)
+    result = mixcli(site, "validate", project, check=False)
+    assert result.stderr.strip().splitlines() == ["Error: project.toml: [example_notes] author must be a "
+                                                  "non-empty string"]
+    write_project(tmp_path, text.replace("author = 3", 'author = "me"'))
+    assert mixcli(site, "validate", project).stdout.startswith("ok ")
+    search = text.replace("author = 3", 'author = "me"') + """
+[output]
+path = "out"
+[search]
+budget = 1
+strategy = "example_random"
+[[search.fitness]]
+evaluator = "example_tensor_count"
+metric = "elements"
+"""
+    assert mixcli(site, "validate", write_project(tmp_path, search)).returncode == 0
+
+
 def test_register_commands_adds_a_cli_command(site):
     assert mixcli(site, "example-hello", "bob").stdout == "hello, bob\n"
     assert "example-hello" in mixcli(site, "--help").stdout

@@ -2,7 +2,8 @@
 
 Copy it to start your own: ``pip install -e .`` makes ``mixcli list-methods`` show
 ``example_scale``, ``example_repeat_layers`` and ``example_tensor_count``, and teaches mixcli
-the tensor names of the ``mixcli-example-stages`` model type.
+the tensor names of the ``mixcli-example-stages`` model type; a project may carry an
+``[example_notes]`` table, and ``mixcli evolve`` may search with ``strategy = "example_random"``.
 """
 
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ def register_upscalers(register):
 @mixcli.hookimpl
 def register_evaluators(register):
     register(mixcli.Evaluator(name="example_tensor_count", summary="count tensors and elements",
-                              evaluate=count_tensors, params=CountParams))
+                              evaluate=count_tensors, params=CountParams,
+                              metrics={"tensors": "higher", "elements": "higher"}))
 
 
 @mixcli.hookimpl
@@ -123,6 +125,41 @@ def register_architecture_layouts(register):
         name="example_stages", summary="trunk.stage.N blocks, stem.embed input, head.out output",
         model_types=("mixcli-example-stages",), layer_pattern=r"(^|\.)stage\.(?P<index>\d+)\.",
         embeddings=("stem.embed.weight",), head="head.out.weight", pre_layer_hints=("stem.",)))
+
+
+def check_notes(project, method, registry):
+    """A project section: [example_notes] author = "..." (any project may carry it)."""
+    author = project.sections["example_notes"].get("author")
+    if not isinstance(author, str) or not author:
+        raise mixcli.MixcliError(f"{project.where}: [example_notes] author must be a non-empty string")
+
+
+@mixcli.hookimpl
+def register_project_sections(register):
+    register(mixcli.ProjectSection(name="example_notes", summary="who wrote the project", check=check_notes))
+
+
+class RandomSearch:
+    """A search strategy: each generation, popsize points drawn around the start (no learning)."""
+
+    def __init__(self, x0, sigma0, popsize, seed, binary=()):
+        import numpy as np
+
+        self.x0, self.sigma0, self.popsize = np.asarray(x0, dtype=float), sigma0, popsize
+        self.rng = np.random.default_rng(seed)
+
+    def ask(self):
+        return [[float(v) for v in self.x0 + self.sigma0 * self.rng.standard_normal(len(self.x0))]
+                for _ in range(self.popsize)]
+
+    def tell(self, genotypes, losses):
+        pass
+
+
+@mixcli.hookimpl
+def register_search_strategies(register):
+    register(mixcli.SearchStrategy(name="example_random", summary="random points around the start",
+                                   create=RandomSearch))
 
 
 @mixcli.hookimpl

@@ -117,4 +117,4 @@ def evaluate(context) -> dict:
 
 
 EVALUATOR = Evaluator(name="classification", summary="accuracy per task, each with its expert's head, and the mean",
-                      evaluate=evaluate, params=Params)
+                      evaluate=evaluate, params=Params, metrics={"mean": "higher", "*": "higher"})

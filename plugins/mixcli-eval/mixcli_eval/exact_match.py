@@ -50,4 +50,5 @@ def evaluate(context) -> dict:
 
 
 EVALUATOR = Evaluator(name="exact_match", summary="exact match of greedy generation with the answers, per task",
-                      evaluate=evaluate, params=Params)
+                      evaluate=evaluate, params=Params,
+                      metrics={"mean": "higher", "exact_match": "higher", "*": "higher"})

@@ -37,4 +37,4 @@ def evaluate(context) -> dict:
 
 
 EVALUATOR = Evaluator(name="parameters", summary="parameter count: total, and active per token for MoE models",
-                      evaluate=evaluate, params=Params)
+                      evaluate=evaluate, params=Params, metrics={"total": "lower", "active": "lower"})

@@ -33,4 +33,4 @@ def evaluate(context) -> dict:
 
 
 EVALUATOR = Evaluator(name="perplexity", summary="mean token loss and perplexity on a text data set",
-                      evaluate=evaluate, params=Params)
+                      evaluate=evaluate, params=Params, metrics={"loss": "lower", "perplexity": "lower"})

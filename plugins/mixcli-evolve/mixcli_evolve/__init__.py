@@ -4,6 +4,39 @@ this package does not import torch."""
 
 import mixcli
 
+from . import strategies
+
+
+def check_search(project, method, registry) -> None:
+    """The [search] table, checked by `mixcli validate` (model configs only, no weight)."""
+    from mixcli.core import prepare
+    from mixcli.errors import MixcliError
+
+    from .recipe import recipe_text
+    from .search import plan_search
+
+    plan = plan_search(project, method, registry)
+    first = plan.genome.decode(plan.genome.initial())
+    try:  # the recipes the search writes plan like any project
+        prepare(project.file.resolve().parent / "candidate.toml", recipe_text(first))
+    except MixcliError as error:
+        raise MixcliError(f"{project.where}: [search] the first candidate's recipe is invalid: {error}") from None
+
+
+SECTION = mixcli.ProjectSection(name="search", summary="evolutionary recipe search (mixcli evolve)",
+                                check=check_search)
+
+
+@mixcli.hookimpl
+def register_project_sections(register):
+    register(SECTION)
+
+
+@mixcli.hookimpl
+def register_search_strategies(register):
+    for strategy in strategies.STRATEGIES:
+        register(strategy)
+
 
 @mixcli.hookimpl
 def register_commands(cli):

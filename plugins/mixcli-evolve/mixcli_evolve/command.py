@@ -6,14 +6,28 @@ from pathlib import Path
 
 import click
 
-from mixcli.errors import MixcliError
-
 
 @click.command()
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the search recorded in the output folder.")
-@click.option("--no-save", is_flag=True, help="Do not write the best model at the end (its recipe is still written).")
+@click.option("--force", is_flag=True, help="Start over in an output folder that holds a search record.")
+@click.option("--no-save", is_flag=True, help="Do not write the best model at the end (best.toml is still written).")
 @click.option("--no-progress", is_flag=True, help="No progress display.")
-def evolve(project, resume, no_save, no_progress):
-    """Search for the recipe of PROJECT's models that scores best on its [[search.fitness]]."""
-    raise MixcliError(f"{project}: mixcli evolve is not available yet in this version")
+def evolve(project, resume, force, no_save, no_progress):
+    """Search for the recipe of PROJECT's models that scores best on its [[search.fitness]].
+
+    The search runs until [search] budget fitness evaluations are spent; Ctrl-C stops it after
+    the current candidate (continue with --resume). The output folder ([output] path) gets the
+    record, best.toml (a plain project: `mixcli merge` it) and, at the end, the best model."""
+    from .report import finish
+    from .run import evolve_project
+
+    outcome, plan = evolve_project(project, resume=resume, force=force, show_progress=not no_progress)
+    if outcome.stopped:
+        from mixcli.progress import console
+
+        console(stderr=True).print(f"stopped after {outcome.evaluations} evaluations; the record and "
+                                   f"{outcome.folder / 'best.toml'} are intact: continue with "
+                                   f"`mixcli evolve {project} --resume`", soft_wrap=True, markup=False)
+        click.get_current_context().exit(130)
+    finish(outcome, plan, save=not no_save, show_progress=not no_progress)

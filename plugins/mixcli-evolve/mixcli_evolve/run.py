@@ -1,0 +1,71 @@
+"""One `mixcli evolve` run: the project checked, its folder prepared, the executor started,
+the search driven with a progress display."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mixcli.errors import MixcliError
+
+from .executors import make_executor
+from .fitness import FitnessSetup
+from .search import SCRATCH, plan_search, prepare_folder, run
+
+
+def load(path: Path):
+    from mixcli.core import load_project
+    from mixcli.plugins import get_registry
+
+    registry = get_registry()
+    project, method = load_project(path, registry)
+    if "search" not in project.sections:
+        raise MixcliError(f"{project.where}: no [search] table; add one with a budget and [[search.fitness]] "
+                          "(see README, \"Evolutionary recipe search\")")
+    if project.output_path is None:
+        raise MixcliError(f"{project.where}: no output path; add [output] path = \"...\", the folder the search "
+                          "writes its record, best recipe and best model into")
+    return project, method, registry, plan_search(project, method, registry)
+
+
+def fitness_setup(plan) -> FitnessSetup:
+    project = plan.project
+    return FitnessSetup(plan.settings.fitness, {name: ref.resolved_path for name, ref in project.models.items()},
+                        project.file.resolve().parent, Path(project.output_path).absolute() / SCRATCH,
+                        plan.settings.device)
+
+
+def evolve_project(path: Path, resume: bool = False, force: bool = False, show_progress: bool = True, say=None):
+    """Run (or continue) the search of the project at ``path``; returns (outcome, plan)."""
+    from mixcli.progress import console, progress
+
+    project, method, registry, plan = load(Path(path))
+    folder = Path(project.output_path)
+    replay = prepare_folder(folder, plan, resume, force)
+    settings = plan.settings
+    say = say or (lambda text: console(stderr=True).print(text, soft_wrap=True, markup=False))
+    if show_progress:
+        say(f"evolving {project.where}: {settings.space} space, {plan.genome.dimension} genes, population "
+            f"{plan.popsize}, budget {settings.budget} evaluations, {settings.executor} executor")
+    setup = fitness_setup(plan)
+    bar = progress("evolving", settings.budget, "evaluations", enabled=show_progress)
+    started = time.monotonic()
+
+    def update(entry, best, generation):
+        done = entry["evaluation"]
+        fields = {"generation": generation + 1}
+        if best is not None:
+            fields["best"] = best["fitness"]
+        bar.advance(done - bar.done, **fields)
+
+    executor = make_executor(settings, setup)
+    try:
+        with bar:
+            outcome = run(plan, folder, executor, setup, replay, progress=update, say=say)
+    finally:
+        executor.close()
+        import shutil
+
+        shutil.rmtree(setup.scratch, ignore_errors=True)
+    outcome.seconds = time.monotonic() - started
+    return outcome, plan
