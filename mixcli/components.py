@@ -106,9 +106,9 @@ class Upscaler:
 class Evaluator:
     """Measures a model: ``evaluate(context) -> dict[str, float]``.
 
-    ``context`` is a :class:`mixcli.evaluation.EvalContext`: the model folder, the
-    evaluator's resolved parameters, the project's models (for per-task heads) and the
-    device. Returned metric names become columns of the results table and keys of the
+    ``context`` is a :class:`mixcli.evaluation.EvalContext`: the model folder (or a resident
+    model: get it with ``context.load_model``), the evaluator's resolved parameters, the
+    project's models (for per-task heads) and the device. Returned metric names become columns of the results table and keys of the
     results JSON.
     """
 

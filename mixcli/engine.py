@@ -22,7 +22,7 @@ from .safetensors_io import ShardedWriter
 from .target import (SignalGuard, check_target, is_no_space, make_scratch, publish, remove_leftovers,
                      target_lock, unwritable)
 
-__all__ = ["check_target", "write_plan", "default_workers", "require_device"]
+__all__ = ["check_target", "write_plan", "run_plan", "merge_threads", "default_workers", "require_device"]
 
 DONOR_FILES = ("generation_config.json",)
 SPACE_MARGIN = 16 * 2**20
@@ -128,7 +128,6 @@ def _write(plans: dict[str, OutputPlan], target: Path, signals: SignalGuard, sha
     scratch = make_scratch(target)
     writers: list[ShardedWriter] = []
     warmer = None
-    threads = None
     try:
         for name, one in plans.items():
             folder = scratch / name
@@ -138,22 +137,14 @@ def _write(plans: dict[str, OutputPlan], target: Path, signals: SignalGuard, sha
         # importing torch keeps one core busy for seconds: meanwhile another prepares the
         # output's page cache, which the merge would otherwise do in its page faults
         warmer = _Warmer(writers[0])
-        import torch
-
-        global _threads_before_write
-        threads = _threads_before_write = torch.get_num_threads()
-        # one tensor per core: elementwise merges scale better across tensors than inside one
-        torch.set_num_threads(1 if workers > 1 else threads)
-        # what is alive now (the libraries, the plan) lives to the end: spare the collector
-        # from rescanning it while the tensors' short-lived objects come and go
-        gc.freeze()
-        for (name, one), writer in zip(plans.items(), writers):
-            _run(one, writer, workers, progress)
-            warmer.stop()
-            writer.close()
-            _write_files(one, scratch / name, card, recipe, copy_tokenizer)
-            if one.finalize is not None:
-                one.finalize(scratch / name)
+        with merge_threads(workers):
+            for (name, one), writer in zip(plans.items(), writers):
+                run_plan(one, writer, workers, progress)
+                warmer.stop()
+                writer.close()
+                _write_files(one, scratch / name, card, recipe, copy_tokenizer)
+                if one.finalize is not None:
+                    one.finalize(scratch / name)
         publish(scratch, target, signals)
     except OSError as error:
         _discard(warmer, writers, scratch)
@@ -166,13 +157,26 @@ def _write(plans: dict[str, OutputPlan], target: Path, signals: SignalGuard, sha
     except BaseException:
         _discard(warmer, writers, scratch)
         raise
+
+
+@contextmanager
+def merge_threads(workers: int):
+    """Around computing a plan's tensors: one torch thread per worker (elementwise merges scale
+    better across tensors than inside one), and the garbage collector spared from rescanning
+    what lives to the end. The in-memory build (:mod:`mixcli.inmemory`) computes under the
+    same settings, so both give the same bits."""
+    import torch
+
+    global _threads_before_write
+    threads = _threads_before_write = torch.get_num_threads()
+    torch.set_num_threads(1 if workers > 1 else threads)
+    gc.freeze()
+    try:
+        yield
     finally:
         gc.unfreeze()
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-            _threads_before_write = None
+        torch.set_num_threads(threads)
+        _threads_before_write = None
 
 
 @contextmanager
@@ -221,7 +225,12 @@ def _discard(warmer, writers: list[ShardedWriter], scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run(plan: OutputPlan, writer: ShardedWriter, workers: int, progress: bool) -> None:
+def run_plan(plan: OutputPlan, writer, workers: int, progress: bool) -> None:
+    """Compute every tensor of ``plan`` into ``writer``, a few at a time within the memory budget.
+
+    ``writer`` is a :class:`mixcli.safetensors_io.ShardedWriter` or anything with its
+    ``mapped(name)``, ``destination(name)`` and ``write(name, tensor)`` (the in-memory build's);
+    call it inside :func:`merge_threads`."""
     from .progress import progress as progress_bar
 
     total = sum(t.input_bytes for t in plan.tensors) or 1

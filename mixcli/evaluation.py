@@ -1,10 +1,11 @@
-"""Running evaluators on a model folder, and showing what they measured."""
+"""Running evaluators on a model folder or a resident model, and showing what they measured."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import MixcliError, closest
 from .params import NOTHING, check_setting, resolve
@@ -12,14 +13,19 @@ from .params import NOTHING, check_setting, resolve
 
 @dataclass
 class EvalContext:
-    """What an :class:`mixcli.Evaluator` receives."""
+    """What an :class:`mixcli.Evaluator` receives: a model folder, or a resident model.
 
-    model_path: Path  # the folder to measure
+    Evaluators get the model through :meth:`load_model` and :meth:`load_tokenizer`, and its
+    config through :meth:`config`, so they measure either alike."""
+
+    model_path: Path  # the folder to measure (for a resident model: only its name in messages)
     params: dict  # the evaluator's parameters, by field name
     models: dict[str, Path] = field(default_factory=dict)  # the project's models (for per-task heads)
     base_dir: Path = Path(".")  # relative data paths are resolved against this
     device: str = "cpu"
     show_progress: bool = True
+    model: Any = None  # a resident transformers model to measure instead of model_path
+    tokenizer_path: Path | None = None  # where a resident model's tokenizer is saved
 
     def path(self, value: str) -> Path:
         """A data path from the parameters, relative to the project file."""
@@ -32,6 +38,58 @@ class EvalContext:
 
         return progress(f"evaluating {self.model_path.name}", total, unit, enabled=self.show_progress,
                         transient=True)
+
+    def load_model(self, auto_class: str, dtype: str | None = None):
+        """The model to measure as ``auto_class`` (e.g. ``"AutoModelForCausalLM"``), on the
+        context's device, in eval mode and in ``dtype`` when given: the resident model (moved
+        and cast in place, as ``from_pretrained`` would load it), or loaded from the folder."""
+        import torch
+
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        if self.model is None:
+            kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+            return load_model(auto_class, self.model_path, **kwargs).to(self.device).eval()
+        model = resident_as(self.model, auto_class, self.model_path)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model.to(self.device).eval()
+
+    def load_tokenizer(self):
+        """The tokenizer of the model measured (saved beside it, or the resident model's)."""
+        if self.model is None:
+            return load_tokenizer(self.model_path)
+        folder = self.tokenizer_path or getattr(self.model, "mixcli_tokenizer_path", None)
+        if folder is None:
+            raise MixcliError(f"{self.model_path}: the model in memory has no tokenizer folder; give "
+                              "the folder of the tokenizer it uses (tokenizer_path)")
+        return load_tokenizer(Path(folder))
+
+    def config(self) -> dict:
+        """The model's config, as its config.json holds it."""
+        if self.model is None:
+            from .checkpoint import read_config
+
+            return read_config(self.model_path, str(self.model_path))
+        return self.model.config.to_dict()
+
+
+def resident_as(model, auto_class: str, where) -> Any:
+    """A resident model as ``auto_class`` would load it: itself, or for ``AutoModel`` its bare
+    backbone (a model with a head holds one); a one-line error otherwise."""
+    import transformers
+
+    mapping = getattr(transformers, auto_class)._model_mapping
+    wanted = mapping[type(model.config)] if type(model.config) in mapping else None
+    if wanted is None:
+        raise MixcliError(f"{where}: a '{model.config.model_type}' model has no {auto_class} class, which this "
+                          "evaluator needs; evaluate it with an evaluator for its kind of model")
+    if isinstance(model, wanted):
+        return model
+    backbone = getattr(model, "base_model", None)
+    if auto_class == "AutoModel" and isinstance(backbone, wanted):
+        return backbone
+    raise MixcliError(f"{where}: the model in memory is a {type(model).__name__}, but this evaluator "
+                      f"measures a {wanted.__name__} ({auto_class}); build it as that class")
 
 
 def resolve_params(evaluator, settings: dict, where: str) -> dict:
@@ -50,18 +108,26 @@ def resolve_params(evaluator, settings: dict, where: str) -> dict:
     return params
 
 
-def run_evaluator(evaluator, model_path: Path, settings: dict, where: str, models=None,
-                  base_dir: Path = Path("."), device: str = "cpu") -> dict:
+def run_evaluator(evaluator, model_path: Path | None, settings: dict, where: str, models=None,
+                  base_dir: Path = Path("."), device: str = "cpu", *, model=None,
+                  tokenizer_path: Path | None = None, show_progress: bool = True) -> dict:
+    """Run ``evaluator`` on the folder ``model_path``, or on the resident ``model`` (a
+    transformers model, e.g. from :func:`mixcli.inmemory.build_model`; ``model_path`` then
+    only names it, and ``tokenizer_path`` is its tokenizer's folder when the model does not
+    say). Returns the metrics."""
     from .plugins import register_architectures
 
     register_architectures()
-    check_model_folder(Path(model_path))
-    check_architecture(Path(model_path))
+    if model is None:
+        check_model_folder(Path(model_path))
+        check_architecture(Path(model_path))
     from .progress import quiet_libraries
 
     quiet_libraries()  # per-model "Loading weights" bars drown the results table
-    context = EvalContext(Path(model_path), resolve_params(evaluator, dict(settings), where),
-                          dict(models or {}), Path(base_dir), device)
+    name = Path(model_path) if model_path is not None else Path("in-memory model")
+    context = EvalContext(name, resolve_params(evaluator, dict(settings), where), dict(models or {}),
+                          Path(base_dir), device, show_progress, model=model,
+                          tokenizer_path=Path(tokenizer_path) if tokenizer_path is not None else None)
     metrics = evaluator.evaluate(context)
     if not isinstance(metrics, dict):
         raise RuntimeError(f"evaluator '{evaluator.name}' returned {type(metrics).__name__}, not a dict")

@@ -318,6 +318,42 @@ def read_project(path: str | Path, text: str | None = None) -> Project:
         tokenizer=tokenizer, device=check_device(output.get("device", "cpu"), f"{name}: [output] device"))
 
 
+def project_from_dict(data: dict, base_dir: Path, name: str = "recipe.toml") -> Project:
+    """A project given as a dict (the tables a TOML file would hold), e.g. a recipe a search
+    made: written as TOML and read back by :func:`read_project`, so it gets the same checks
+    and errors, naming the pseudo-file ``name``; relative paths resolve against ``base_dir``.
+    Nothing is written to disk. ``project.text`` holds the TOML, which ``mixcli merge``
+    reproduces the project from."""
+    from .tomlwrite import dumps
+
+    if not isinstance(data, dict):
+        raise MixcliError(f"{name}: a project must be a table (a dict), got {type(data).__name__}")
+    return read_project(Path(base_dir) / name, dumps(_plain(data, name)))
+
+
+def _plain(value: Any, name: str, keys: tuple = ()) -> Any:
+    """``value`` with tuples as lists, paths as strings and numpy scalars as numbers, or a one-line error naming the key
+    of what TOML cannot hold."""
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise MixcliError(f"{name}: key {key!r} under '{'.'.join(keys) or 'the top level'}' "
+                                  "must be a string")
+        return {key: _plain(item, name, keys + (key,)) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, name, keys) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    if callable(getattr(value, "item", None)) and getattr(value, "shape", None) == ():
+        value = value.item()  # a numpy or torch scalar, as a search's genotype gives
+    if isinstance(value, float) and not isinstance(value, bool):
+        return float(value)  # np.float64 is a float whose repr is not TOML
+    if value is None or not isinstance(value, (bool, int, float, str)):
+        raise MixcliError(f"{name}: '{'.'.join(keys)}' is {value!r} ({type(value).__name__}), which TOML "
+                          "cannot hold; give a string, number, boolean, list or table")
+    return value
+
+
 def check(project: Project, registry) -> Any:
     """Check the method, its parameters and the evaluations; return the method component."""
     name = project.where

@@ -13,8 +13,9 @@ import errno
 import json
 import mmap
 import os
-import sys
 import struct
+import sys
+import threading
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -77,6 +78,7 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict = {}
         self._map: mmap.mmap | None = None
+        self._opening = threading.Lock()
         self._read_header()
 
     def _bad(self, why: str) -> MixcliError:
@@ -127,9 +129,11 @@ class SafetensorsFile:
         import torch
 
         if self._map is None:
-            with open(self.path, "rb") as f:
-                # a private copy-on-write map: writable for torch, never written back
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            with self._opening:  # the engine's threads read tensors of one file at once: map it once
+                if self._map is None:
+                    with open(self.path, "rb") as f:
+                        # a private copy-on-write map: writable for torch, never written back
+                        self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         dtype = torch_dtype(info.dtype)
         count = prod(info.shape)
         if count == 0:

@@ -91,11 +91,10 @@ def read_task(folder: Path, max_samples: int, split: str = "test"):
 
 
 def evaluate(context) -> dict:
-    from mixcli.evaluation import load_model
     from mixcli_eval.metrics import classification_accuracy
 
     p = context.params
-    backbone = load_model("AutoModel", context.model_path).to(context.device).eval()
+    backbone = context.load_model("AutoModel")
     config = backbone.config
     shape = (getattr(config, "num_channels", 1), getattr(config, "image_size", 8), getattr(config, "image_size", 8))
     scores = {}

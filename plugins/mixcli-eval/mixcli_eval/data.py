@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-
-def load_causal_lm(folder: Path, dtype: str, device: str):
-    import torch
-
-    from mixcli.evaluation import load_model, load_tokenizer
-
-    model = load_model("AutoModelForCausalLM", folder, dtype=getattr(torch, dtype))
-    tokenizer = load_tokenizer(folder)
+def load_causal_lm(context, dtype: str):
+    """The context's model (a folder or a resident model) as a causal LM in ``dtype`` on its
+    device, and its tokenizer, with a pad token."""
+    model = context.load_model("AutoModelForCausalLM", dtype)
+    tokenizer = context.load_tokenizer()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model, tokenizer

@@ -32,7 +32,7 @@ def evaluate(context) -> dict:
 
     p = context.params
     files = task_files(p)
-    model, tokenizer = load_causal_lm(context.model_path, p["dtype"], context.device)
+    model, tokenizer = load_causal_lm(context, p["dtype"])
     pairs = {}
     for task, file in files.items():
         path = context.path(file)

@@ -26,7 +26,7 @@ def evaluate(context) -> dict:
     path = context.path(p["data"])
     rows = load_rows(path, "perplexity: data", p["max_samples"])
     texts = [t for t in column(rows, p["text_field"], "perplexity: text_field", path) if t and t.strip()]
-    model, tokenizer = load_causal_lm(context.model_path, p["dtype"], context.device)
+    model, tokenizer = load_causal_lm(context, p["dtype"])
     with context.progress(len(texts), "texts") as bar:
         loss = mean_token_loss(model, tokenizer, texts, batch_size=p["batch_size"], advance=bar.advance)
     return {"loss": loss, "perplexity": math.exp(loss)}
