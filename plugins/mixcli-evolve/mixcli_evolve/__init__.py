@@ -43,3 +43,17 @@ def register_commands(cli):
     from .command import evolve
 
     cli.add_command(evolve)
+
+
+@mixcli.hookimpl
+def register_upscalers(register):
+    from . import dfs
+
+    register(dfs.METHOD)
+
+
+@mixcli.hookimpl
+def register_architectures(register):
+    from . import dfs_model  # imports transformers: only when mixcli loads a model
+
+    dfs_model.register(register)
