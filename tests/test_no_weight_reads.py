@@ -105,6 +105,8 @@ def projects(llama, vit):
     out["depth_upscaling"] = f'[models]\nm = "{base}"\n[method]\nname = "depth_upscaling"\nlayers = ["0:3", "1:4"]\n'
     out["frankenmerge"] = (f'[models]\na = "{ft1}"\nb = "{ft2}"\n[method]\nname = "frankenmerge"\n'
                            'layers = [{ model = "a", range = [0, 2] }, { model = "b", range = [2, 4] }]\n')
+    out["layer_path"] = (f'[models]\na = "{ft1}"\nb = "{ft2}"\n[method]\nname = "layer_path"\n'
+                         'layers = [{ model = "a", layer = 0 }, { model = "b", layer = 2, scale = 0.8 }]\n')
     out["model_recombination"] = (f'[models]\nbase = "{base}"\nft1 = "{ft1}"\nft2 = "{ft2}"\n[method]\n'
                                   'name = "model_recombination"\n')
     out["dare_ties"] = (f'[models]\nbase = "{base}"\nft1 = "{ft1}"\nft2 = "{ft2}"\n[method]\nname = "dare_ties"\n'
