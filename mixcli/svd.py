@@ -9,6 +9,8 @@ merge that kept them would inject directions that no input holds.
 
 from __future__ import annotations
 
+import threading
+
 
 def working(tensor):
     """``tensor`` in the dtype the decompositions run in (float32, or float64 if it is)."""
@@ -32,6 +34,12 @@ def thin_svd(matrix, reference: float | None = None):
     import torch
 
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return drop_negligible(matrix, u, s, vh, reference)
+
+
+def drop_negligible(matrix, u, s, vh, reference: float | None = None):
+    """The thin factors ``u, s, vh`` of ``matrix`` with the components below :func:`tolerance`
+    zeroed (for factors of a full SVD, pass the first ``len(s)`` columns / rows)."""
     if s.numel():
         scale = float(s[0]) if reference is None else max(float(s[0]), reference)
         keep = s > tolerance(scale, matrix.shape, matrix.dtype)
@@ -64,3 +72,30 @@ def kept(u, s, vh):
     """Only the components :func:`thin_svd` did not drop (σ > 0)."""
     keep = s > 0
     return u[:, keep], s[keep], vh[keep]
+
+
+class SVDCache:
+    """Factors of one matrix shared by the several output tensors made from them (rank-one
+    MoE's ``expert_u`` / ``expert_v``, SMILE's router and experts): computed once by whichever
+    the engine asks for first, even when its threads ask at the same time, and dropped after
+    the last of ``takers`` has taken them, so only the matrices in flight are held."""
+
+    def __init__(self, takers: int = 2):
+        self.takers = takers
+        self.lock = threading.Lock()
+        self.entries: dict = {}  # key -> [lock of this key, factors or None, takers left]
+
+    def take(self, key, compute, takers: int | None = None):
+        """The factors of ``key`` (``compute()`` the first time); ``takers`` overrides the
+        count of takers for this key."""
+        with self.lock:
+            entry = self.entries.setdefault(key, [threading.Lock(), None, takers or self.takers])
+        with entry[0]:
+            if entry[1] is None:
+                entry[1] = compute()
+            factors = entry[1]
+        with self.lock:
+            entry[2] -= 1
+            if entry[2] == 0:
+                del self.entries[key]
+        return factors

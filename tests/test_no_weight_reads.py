@@ -101,6 +101,7 @@ def projects(llama, vit):
     for method in ("we_moe", "sparse_we_moe", "rank_one_moe", "pwe_moe"):
         out[method] = (f'[models]\n{vits}\n[method]\nname = "{method}"\nbase = "base"\n'
                        '[adapt]\nmax_steps = 1\nbatch_size = 2\n')
+    out["smile_upscaling"] = f'[models]\n{vits}\n[method]\nname = "smile_upscaling"\nbase = "base"\nk = 4\n'
     base, ft1, ft2 = llama["base"], llama["ft1"], llama["ft2"]
     out["depth_upscaling"] = f'[models]\nm = "{base}"\n[method]\nname = "depth_upscaling"\nlayers = ["0:3", "1:4"]\n'
     out["frankenmerge"] = (f'[models]\na = "{ft1}"\nb = "{ft2}"\n[method]\nname = "frankenmerge"\n'

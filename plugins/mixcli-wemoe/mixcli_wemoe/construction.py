@@ -15,7 +15,7 @@ from typing import Callable
 
 from mixcli import MixcliError
 from mixcli.architecture import check_layer_count
-from mixcli.errors import first_line
+from mixcli.backbone import checkpoint_names, find_blocks, meta_backbone, renamer
 from mixcli.plan import OutputPlan, OutputTensor
 
 from . import __version__
@@ -36,58 +36,6 @@ class Spec:
     # (linear path, attr, base tensor, expert tensors) -> {suffix: (shape, compute)}; None = dense
     experts: Callable | None = None
     delta: Callable | None = None  # transform of one dense task-vector tensor (pruning)
-
-
-def _meta_backbone(config: dict, where: str):
-    import torch
-    import transformers
-
-    data = dict(config)
-    model_type = data.pop("model_type", None)
-    try:
-        cfg = transformers.AutoConfig.for_model(model_type, **data)
-        with torch.device("meta"):
-            return transformers.AutoModel.from_config(cfg)
-    except Exception as error:
-        raise MixcliError(f"{where}: transformers cannot build a model of type '{model_type}' "
-                          f"({first_line(error)})") from None
-
-
-def _renamer(backbone):
-    """checkpoint key -> in-memory key, as ``from_pretrained`` renames (transformers 5 keeps legacy
-    names on disk, e.g. ViT's ``encoder.layer.0.intermediate.dense`` for ``layers.0.mlp.fc1``)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # transformers without conversion mappings: names are stored as they are
-        return lambda key, meta: (key, None)
-    conversions = get_model_conversion_mapping(backbone)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    prefix = getattr(backbone, "base_model_prefix", None) or None
-    return lambda key, meta: rename_source_key(key, renamings, converters, prefix, meta)
-
-
-def _names(backbone, ckpt, where: str, rename) -> dict[str, str]:
-    """Backbone state-dict name -> the checkpoint's tensor name."""
-    meta = backbone.state_dict()
-    mapping = {}
-    for key in ckpt.tensors:
-        new, converter = rename_key(rename, key, meta)
-        if converter is None and new in meta:
-            mapping.setdefault(new, key)
-    for key in meta:
-        if key not in mapping:
-            raise MixcliError(f"{where}: model '{ckpt.name}' has no tensor for '{key}' (the backbone built from "
-                              "its config.json expects it); is it a save_pretrained folder of that architecture?")
-    return mapping
-
-
-def rename_key(rename, key, meta):
-    try:
-        return rename(key, meta)
-    except Exception:  # a converter that cannot parse this key: leave the name alone
-        return key, None
 
 
 def sha256_files(path: Path) -> dict[str, str]:
@@ -119,7 +67,6 @@ def init_router(router, seed: int, index: int, std: float, lam: float) -> None:
 def plan(context, spec: Spec) -> OutputPlan:
     import torch
 
-    from .blocks import find_blocks
     from .modeling import WEMoEConfig, WEMoEModel
 
     project, p = context.project, context.params
@@ -133,7 +80,7 @@ def plan(context, spec: Spec) -> OutputPlan:
     for name, ckpt in context.models.items():
         check_layer_count(ckpt, project.models[name].where)
     base_cfg = dict(base.config)
-    backbone = _meta_backbone(base_cfg, f"{project.models[project.base].where}")
+    backbone = meta_backbone(base_cfg, f"{project.models[project.base].where}")
     blocks = find_blocks(backbone, spec.kinds, tuple(p.get("modules") or ()))
     if not blocks:
         what = " and ".join(spec.kinds)
@@ -141,8 +88,8 @@ def plan(context, spec: Spec) -> OutputPlan:
         raise MixcliError(f"{where}: no {what} blocks{filt} found in the base model "
                           f"('{base_cfg.get('model_type')}'); {spec.method} needs recognisable "
                           "Linear blocks (fc1/fc2, gate/up/down_proj, intermediate/output.dense, ...)")
-    rename = _renamer(backbone)
-    maps = {name: _names(backbone, ckpt, project.models[name].where, rename)
+    rename = renamer(backbone)
+    maps = {name: checkpoint_names(backbone, ckpt, project.models[name].where, rename)
             for name, ckpt in context.models.items()}
     for name in experts:
         for key, src in maps[name].items():

@@ -16,7 +16,7 @@ import torch
 import transformers
 from torch import nn
 
-from .blocks import _get
+from mixcli.backbone import get_module as _get
 from .layers import RankOneLinear, Router, RoutingGroup, RoutingState, WELinear, routed_linears
 
 MODEL_TYPE = "mixcli_wemoe"

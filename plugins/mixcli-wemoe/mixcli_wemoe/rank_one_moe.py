@@ -15,12 +15,11 @@ SVDs run in float32 on ``svd_device`` (cpu by default; cuda when available and a
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from mixcli import MixcliError, Upscaler, param
 
-from mixcli.svd import truncated_svd, working
+from mixcli.svd import SVDCache, truncated_svd, working
 
 from .we_moe import ADAPT_SECTION, block_kinds
 from .we_moe import Params as WEMoEParams
@@ -34,33 +33,10 @@ class Params(WEMoEParams):
     svd_device: str = param("cpu", help="torch device for the SVDs (cpu or cuda)")
 
 
-class SVDCache:
-    """The factors of one weight, shared by its two output tensors (``expert_u``, ``expert_v``):
-    computed once by whichever the engine asks for first, even when its threads compute both
-    at the same time, and dropped after the second has taken them."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.entries: dict = {}  # key -> [lock of this key, factors or None, takers left]
-
-    def take(self, key: str, compute):
-        with self.lock:
-            entry = self.entries.setdefault(key, [threading.Lock(), None, 2])
-        with entry[0]:
-            if entry[1] is None:
-                entry[1] = compute()
-            factors = entry[1]
-        with self.lock:
-            entry[2] -= 1
-            if entry[2] == 0:
-                del self.entries[key]
-        return factors
-
-
 def _experts(svd_device: str, cache: SVDCache | None = None):
     import torch
 
-    cache = cache or SVDCache()
+    cache = cache or SVDCache(takers=2)  # expert_u and expert_v
 
     def experts(path, attr, key, shape, read, names, base, p):
         k, lam = p["rank_k"], p["init_lambda"]
