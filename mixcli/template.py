@@ -74,8 +74,9 @@ def project_template(component) -> str:
     lines.append("seed = 0")
     for spec in shared:
         value, active = _value(spec, example)
-        if active:
-            lines.append(f"{spec.name} = {toml_value(value)}  # {spec.help}")
+        if active:  # an example value that is not the default says what the default is
+            said = _described(spec) if not spec.required and value != spec.default else spec.help
+            lines.append(f"{spec.name} = {toml_value(value)}  # {said}")
         else:
             shown = toml_value(value) if value is not None else toml_value(PLACEHOLDER.get(spec.type, 0.5))
             lines.append(f"# {spec.name} = {shown}  # {_described(spec)}")

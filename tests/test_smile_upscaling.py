@@ -42,6 +42,23 @@ def vits(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A CLIP vision tower base and two experts (q/k/v/out_proj, fc1/fc2 with biases)."""
+    root = tmp_path_factory.mktemp("smile_clip")
+    config = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=8, patch_size=4, num_channels=1)
+    torch.manual_seed(0)
+    base = transformers.CLIPVisionModel(config).eval()
+    base.save_pretrained(root / "base")
+    gen = torch.Generator().manual_seed(2)
+    for t in range(2):
+        expert = transformers.CLIPVisionModel(config).eval()
+        expert.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.state_dict().items()})
+        expert.save_pretrained(root / f"t{t}")
+    return root
+
+
 def project(folder, models: dict, extra="", base="base", out="out"):
     lines = "\n".join(f'{name} = "{path}"' for name, path in models.items())
     return write_project(folder, f'[models]\n{lines}\n[method]\nname = "smile_upscaling"\nbase = "{base}"\n{extra}\n'
@@ -170,12 +187,17 @@ def test_experts_are_the_truncated_svd_and_the_router_the_top_right_singular_vec
         torch.testing.assert_close(rows.T @ rows, vh[:3].T @ vh[:3], atol=1e-5, rtol=0)
 
 
-def test_save_load_round_trip_through_auto_classes_without_the_sources(llama_family, vits, tmp_path):
+def test_save_load_round_trip_through_auto_classes_without_the_sources(llama_family, qwen2_tied_family, vits, clips,
+                                                                      tmp_path):
     from mixcli.core import prepare
     from mixcli_smile.construction import model_from_plan
 
     cases = [("vit", {n: vits / n for n in ("base", "t0", "t1")}, "k = 4\ngate_k = 2\ntop_k = 2", "AutoModel"),
+             ("clip", {n: clips / n for n in ("base", "t0", "t1")}, "k = 4\ngate_k = 2", "AutoModel"),
              ("llama", {n: llama_family[n] for n in ("base", "ft1", "ft2", "ft3")}, "k = 8\ngate_k = 4",
+              "AutoModelForCausalLM"),
+             # q/k/v biases and tied embeddings (lm_head is not stored, and tied again on load)
+             ("qwen2", {n: qwen2_tied_family[n] for n in ("base", "ft1")}, "k = 4\ngate_k = 2",
               "AutoModelForCausalLM")]
     for name, models, extra, auto in cases:
         folder = tmp_path / name
@@ -188,7 +210,7 @@ def test_save_load_round_trip_through_auto_classes_without_the_sources(llama_fam
         in_memory = model_from_plan(prepare(path).plan)
         loaded.save_pretrained(folder / "again")
         again = getattr(transformers, auto).from_pretrained(folder / "again").eval()
-        inputs = ({"pixel_values": images()} if name == "vit" else {"input_ids": torch.tensor([[1, 5, 9, 12, 3]])})
+        inputs = ({"pixel_values": images()} if name in ("vit", "clip") else {"input_ids": torch.tensor([[1, 5, 9, 12, 3]])})
         with torch.no_grad():
             first = loaded(**inputs)[0]
             torch.testing.assert_close(in_memory(**inputs)[0], first, rtol=1e-5, atol=1e-5)
@@ -301,3 +323,21 @@ def test_a_model_with_no_linear_smile_can_use_is_a_one_line_error(tmp_path):
     assert "smile_upscaling has no SMILE architecture for model type 'gpt2'; it upscales the Linears of " \
            "clip_vision_model, llama, mistral, qwen2, vit models" in " ".join(result.output.split()), result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_one_set_of_defaults_fusionbenchs_yaml_in_code_template_and_list_methods(tmp_path):
+    from mixcli_smile.smile_upscaling import Params
+
+    yaml = {"gate_k": 1, "k": 128, "top_k": 1, "full_matrices": True, "routing_use_diff": True,
+            "average_experts": False}
+    assert {key: getattr(Params(), key) for key in yaml} == yaml
+    listed = " ".join(run("list-methods", "smile_upscaling").output.split())
+    for key, value in yaml.items():
+        assert f"{key} {type(value).__name__}, default {json.dumps(value)}" in listed, key
+    run("init", "smile_upscaling", "--out", tmp_path / "p.toml")
+    template = (tmp_path / "p.toml").read_text()
+    for key, value in yaml.items():
+        if key != "k":
+            assert f"# {key} = {json.dumps(value)}  #" in template, key
+    # the template's starting point fits small models; it says what the default is
+    assert "k = 8  #" in template and "(int, default 128)" in template
