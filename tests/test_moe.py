@@ -1,6 +1,7 @@
 """MoE mixing (mixcli-moe): upcycling, merging, router initialisation, attention experts,
 router tuning (one process and two gloo processes), on tiny seeded models through the CLI."""
 
+import functools
 import json
 import math
 import os
@@ -193,59 +194,96 @@ path = "out"
 # ---------------------------------------------------------------- router initialisation
 
 def test_random_and_uniform_routers_match_the_seeded_draws(tmp_path, llama_family):
-    out = upcycle(tmp_path, llama_family["base"], num_experts=4, gate_mode="random")
     torch.manual_seed(0)
     want = torch.randn(4, 4, 64)  # mergekit: manual_seed, then the first draw
+    out = upcycle(tmp_path, llama_family["base"], num_experts=4, gate_mode="random", scale=1.0)
     routers = tiny_models.load_tensors(out)
     for layer in range(4):
         assert torch.equal(routers[f"model.layers.{layer}.mlp.gate.weight"], want[layer])
+    (tmp_path / "small").mkdir()  # the default scale: 0.02 times the same draw (N(0, 0.02^2))
+    out = upcycle(tmp_path / "small", llama_family["base"], num_experts=4, gate_mode="random")
+    values = torch.stack([tiny_models.load_tensors(out)[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)])
+    assert torch.equal(values, want * 0.02)
+    assert abs(float(values.std()) - 0.02) < 0.002
     (tmp_path / "u").mkdir()
     out = upcycle(tmp_path / "u", llama_family["base"], num_experts=4, gate_mode="uniform_random")
     values = torch.stack([tiny_models.load_tensors(out)[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)])
     assert values.abs().max() <= 64 ** -0.5 and values.std() > 0.05
 
 
-def _independent_prompt_states(folder, prompts, average, dtype):
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+@functools.lru_cache(maxsize=2)
+def _eager_model(folder, dtype):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
+
+
+def _independent_prompt_states(folder, prompts, average, dtype, source="residual"):
+    """Mean over prompts of a router's input, one prompt at a time (no padding at all): the
+    residual stream entering each layer, or what each router reads (``attn_input`` =
+    input_layernorm of it; ``mlp_input`` = post_attention_layernorm of it plus the attention
+    output, the attention rebuilt by hand from eager attention probabilities and v_proj)."""
+    model = _eager_model(folder, dtype)
+    cfg = model.config
     rows = []
-    for prompt in prompts:  # one prompt at a time: no padding at all
+    for prompt in prompts:
         ids = torch.tensor([[1] + tiny_models.tokenizer()(prompt, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
-            states = model(input_ids=ids, output_hidden_states=True).hidden_states[:4]
-        rows.append(torch.stack([s[0].float().mean(0) if average else s[0, -1].float() for s in states]))
+            out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+            per_layer = []
+            for index, (layer, probs) in enumerate(zip(model.model.layers, out.attentions)):
+                state = out.hidden_states[index][0].float()
+                if source != "residual":
+                    normed = layer.input_layernorm(state)
+                    state = normed
+                    if source == "mlp_input":
+                        values = layer.self_attn.v_proj(normed).view(-1, cfg.num_key_value_heads, cfg.head_dim)
+                        values = values.transpose(0, 1).repeat_interleave(
+                            cfg.num_attention_heads // cfg.num_key_value_heads, dim=0)
+                        mixed = (probs[0] @ values).transpose(0, 1).reshape(ids.shape[1], -1)
+                        middle = out.hidden_states[index][0].float() + layer.self_attn.o_proj(mixed)
+                        state = layer.post_attention_layernorm(middle)
+                per_layer.append(state.mean(0) if average else state[-1])
+        rows.append(torch.stack(per_layer))
     return torch.stack(rows).mean(0)
 
 
-@pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "cheap_embed"])
-def test_prompt_routers_match_an_independent_computation(tmp_path, llama_family, mode):
+@pytest.mark.parametrize("mode, source", [("hidden", "residual"), ("hidden_avg", "residual"), ("cheap_embed", ""),
+                                          ("hidden", "router_input"), ("hidden_avg", "router_input")])
+def test_prompt_routers_match_an_independent_computation(tmp_path, llama_family, mode, source):
+    # router_input: MLP routers from the MLP input, q_proj routers from the attention input
     negative = {"ft2": ["1+1="]}
-    project = merge_project(tmp_path, llama_family, gate_mode=mode, hidden_dtype="float32")
+    extra = {"hidden_source": source, "modules": ["mlp", "q_proj"]} if source else {}
+    project = merge_project(tmp_path, llama_family, gate_mode=mode, hidden_dtype="float32", **extra)
     text = project.read_text().replace('positive_prompts = ["abc:cba", "xyz:"]',
                                        'positive_prompts = ["abc:cba", "xyz:"], negative_prompts = ["1+1="]')
     project.write_text(text)
     run("merge", project)
     out = tiny_models.load_tensors(tmp_path / "out")
     embed = tiny_models.load_tensors(llama_family["base"])["model.embed_tokens.weight"]
-    for e, name in enumerate(("ft1", "ft2", "ft3")):
-        if mode == "cheap_embed":
-            def unit(prompts):
-                ids = [1 + 0 * i for i in range(0)]
-                total = torch.zeros(64)
-                for p in prompts:
-                    ids = [1] + tiny_models.tokenizer()(p, add_special_tokens=False)["input_ids"]
-                    total += embed[ids].sum(0)
-                return total / total.norm()
-            vector = unit(PROMPTS[name]) - (unit(negative[name]) if name in negative else 0)
-            want = (vector / vector.norm())[None].repeat(4, 1)
-        else:
-            vector = _independent_prompt_states(llama_family["base"], PROMPTS[name], mode == "hidden_avg", torch.float32)
-            if name in negative:
-                vector = vector - _independent_prompt_states(llama_family["base"], negative[name],
-                                                             mode == "hidden_avg", torch.float32)
-            want = vector / vector.norm(dim=-1, keepdim=True)
-        got = torch.stack([out[f"model.layers.{layer}.mlp.gate.weight"][e] for layer in range(4)])
-        assert torch.allclose(got, want, atol=1e-5), (mode, name, (got - want).abs().max())
-        assert torch.allclose(got.norm(dim=-1), torch.ones(4), atol=1e-5)
+    routers = {"mlp": "model.layers.{}.mlp.gate.weight", "q_proj": "model.layers.{}.self_attn.q_proj.router.weight"}
+    places = {"mlp": "mlp_input", "q_proj": "attn_input"} if source == "router_input" else \
+        {"mlp": "residual", "q_proj": "residual"}
+    for group in ("mlp", "q_proj") if source else ("mlp",):
+        for e, name in enumerate(("ft1", "ft2", "ft3")):
+            if mode == "cheap_embed":
+                def unit(prompts):
+                    total = torch.zeros(64)
+                    for p in prompts:
+                        ids = [1] + tiny_models.tokenizer()(p, add_special_tokens=False)["input_ids"]
+                        total += embed[ids].sum(0)
+                    return total / total.norm()
+                vector = unit(PROMPTS[name]) - (unit(negative[name]) if name in negative else 0)
+                want = (vector / vector.norm())[None].repeat(4, 1)
+            else:
+                average = mode == "hidden_avg"
+                vector = _independent_prompt_states(llama_family["base"], PROMPTS[name], average, torch.float32,
+                                                    places[group])
+                if name in negative:
+                    vector = vector - _independent_prompt_states(llama_family["base"], negative[name], average,
+                                                                 torch.float32, places[group])
+                want = vector / vector.norm(dim=-1, keepdim=True)
+            got = torch.stack([out[routers[group].format(layer)][e] for layer in range(4)])
+            assert torch.allclose(got, want, atol=1e-5), (mode, group, name, (got - want).abs().max())
+            assert torch.allclose(got.norm(dim=-1), torch.ones(4), atol=1e-5)
 
 
 def _independent_o_proj_inputs(folder, prompts, average):

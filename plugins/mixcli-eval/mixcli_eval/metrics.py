@@ -55,22 +55,26 @@ def exact_match(
     advance: Callable[[int], None] | None = None,
 ) -> float:
     """Fraction of prompts whose greedy continuation, decoded and stripped, equals the answer;
-    ``advance(n)`` is called after each batch of ``n`` prompts."""
+    prompts are tokenised as the model expects (:mod:`mixcli.tokens`: BOS once, from the
+    tokenizer's template or the generation config); ``advance(n)`` is called after each batch
+    of ``n`` prompts."""
+    from mixcli import tokens
+
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # continuations must start at the same column
+    marks = tokens.specials(tokenizer, getattr(model, "generation_config", None))
     device = next(model.parameters()).device
     hits = 0
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            # left padding: the continuations start at the same column
+            enc = tokens.batch(tokenizer, [str(p) for p in prompts[i : i + batch_size]], marks, left=True)
+            enc = {k: v.to(device) for k, v in enc.items()}
             out = model.generate(
                 **enc,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=tokens.pad_id(tokenizer),
                 eos_token_id=tokenizer.eos_token_id,
             )
             gen = out[:, enc["input_ids"].shape[1] :]
@@ -80,7 +84,6 @@ def exact_match(
             if advance is not None:
                 advance(len(texts))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return hits / max(len(prompts), 1)
 
@@ -88,14 +91,18 @@ def exact_match(
 @torch.no_grad()
 def mean_token_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32,
                     advance: Callable[[int], None] | None = None) -> float:
-    """Mean next-token cross-entropy over all predicted tokens of ``texts`` (exp = perplexity);
-    ``advance(n)`` is called after each batch of ``n`` texts."""
+    """Mean next-token cross-entropy over all predicted tokens of ``texts`` (exp = perplexity),
+    tokenised as the model expects (:mod:`mixcli.tokens`; right padding, so positions are
+    those of training); ``advance(n)`` is called after each batch of ``n`` texts."""
+    from mixcli import tokens
+
     was_training = model.training
     model.eval()
+    marks = tokens.specials(tokenizer, getattr(model, "generation_config", None))
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
+        enc = tokens.batch(tokenizer, [str(t) for t in texts[i : i + batch_size]], marks, left=False)
         ids = enc["input_ids"].to(device)
         mask = enc["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()

@@ -34,7 +34,9 @@ class Recipe:
     layers: list[int] | None = None  # mixed layers; None = all
     layout: str = ""
     gate_mode: str = "uniform_random"
+    scale: float = router_init.RANDOM_SCALE  # std of gate_mode "random"
     hidden_dtype: str = "bfloat16"
+    hidden_source: str = "router_input"  # hidden modes: what the states are read from (see routers.py)
     stem: str = "base"
     stem_params: dict = field(default_factory=dict)
     noise: list[float] = field(default_factory=list)
@@ -112,10 +114,11 @@ def routers_for(context, recipe: Recipe, shape: tuple[int, int, int], o_proj_wid
     mode = "hidden" if recipe.gate_mode == "hidden_last" else recipe.gate_mode
     if mode in ("random", "uniform_random"):
         # o_proj draws from a seed of its own, so adding it leaves the other routers unchanged
-        routers = dict(zip(groups, router_init.random_draws(mode, len(groups), *shape, context.seed)))
+        routers = dict(zip(groups, router_init.random_draws(mode, len(groups), *shape, context.seed,
+                                                            recipe.scale)))
         if o_proj:
             routers["o_proj"] = router_init.random_draws(mode, 1, shape[0], shape[1], o_proj_width,
-                                                         derive_seed(context.seed, "o_proj-router"))[0]
+                                                         derive_seed(context.seed, "o_proj-router"), recipe.scale)[0]
         return _Drawn(routers)
     return _PromptRouters(mode, context.models[recipe.base], recipe, shape[0], groups, o_proj, where)
 
@@ -142,25 +145,39 @@ class _PromptRouters:
                 self.routers = self._compute()
             return self.routers[group]
 
+    def _places(self) -> dict:
+        """Which state each router group is initialised from (routers.PLACES)."""
+        own = self.recipe.hidden_source == "router_input" and self.mode != "cheap_embed"
+        places = {group: ("mlp_input" if group == "mlp" else "attn_input") if own else "residual"
+                  for group in self.groups}
+        if self.o_proj:
+            places["o_proj"] = "o_proj"
+        return places
+
     def _compute(self) -> dict:
         from mixcli.engine import all_cores
 
         recipe = self.recipe
-        places = (("residual",) if self.groups else ()) + (("o_proj",) if self.o_proj else ())
+        places = self._places()
         with all_cores():
-            found = router_init.compute(self.mode, self.base, self.tokenizer, recipe.positive, recipe.negative,
-                                        self.layers, recipe.hidden_dtype, places, self.where)
+            found, repaired = router_init.compute(self.mode, self.base, self.tokenizer, recipe.positive,
+                                                  recipe.negative, self.layers, recipe.hidden_dtype,
+                                                  tuple(dict.fromkeys(places.values())), self.where)
+        ending = router_init.common_last_token(self.tokenizer, [p for ps in recipe.positive for p in ps],
+                                               router_init.specials_of(self.base, self.tokenizer))
+        cause = f"every prompt ends in the token {ending!r}" if ending is not None else "the prompts' last tokens"
+        for place, layers in repaired.items():
+            worst = max(layers.values())
+            warn(f"{self.where}: {place} router rows of layers {sorted(layers)} were near-identical at the last "
+                 f"token (condition number {worst:.1e}; {cause} give the same state there); those layers use "
+                 "the mean over all prompt tokens instead (as gate_mode = \"hidden_avg\")")
         for place, routers in found.items():
-            bad = router_init.degenerate_layers(routers)
+            bad = router_init.nearly_parallel(routers)
             if bad:
-                label = "o_proj " if place == "o_proj" else ""
-                warn(f"{self.where}: {label}router rows of layers {bad} are nearly parallel (condition number > "
-                     "5): prompts too similar; experts will be under-used")
-        # the residual-stream vectors serve every group but o_proj
-        routers = {group: found["residual"] for group in self.groups}
-        if self.o_proj:
-            routers["o_proj"] = found["o_proj"]
-        return routers
+                warn(f"{self.where}: {place} router rows of layers {bad} are nearly parallel (condition number "
+                     "> 5): the experts' prompts give similar states there, so routing will barely tell the "
+                     "experts apart; add prompts that differ more, or negative_prompts")
+        return {group: found[place] for group, place in places.items()}
 
 
 class _Drawn:

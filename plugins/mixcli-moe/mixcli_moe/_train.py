@@ -17,42 +17,51 @@ from mixcli.loading import from_pretrained
 from ._balance import RouterCapture, balance_loss, is_router, load_fractions
 
 
-def load_texts(settings, project_dir: Path, eos: str) -> list[tuple[str, str | None]]:
-    """(text, its prompt or None) per row of every [tune] data file."""
+def load_texts(settings, project_dir: Path) -> list[tuple[str, str | None, str]]:
+    """(text, its prompt when the loss counts the answer only, else None, where it comes from)
+    per row of every [tune] data file."""
     files = settings.data if isinstance(settings.data, list) else [settings.data]
-    rows = [r for file in files for r in _read(file, settings, project_dir, eos)]
+    rows = [r for file in files for r in _read(file, settings, project_dir)]
     if len(rows) < 2:
         raise MixcliError(f"[tune] data: {len(rows)} rows; router tuning needs at least 2")
     return rows
 
 
-def _read(file: str, settings, project_dir: Path, eos: str) -> list[tuple[str, str | None]]:
+def _read(file: str, settings, project_dir: Path) -> list[tuple[str, str | None, str]]:
     path = Path(file).expanduser()
     path = path if path.is_absolute() else project_dir / path
     where = "[tune] data"
     data = load_rows(path, where)
     columns = data.column_names
     has_pairs = settings.prompt_field in columns and settings.answer_field in columns
-    if settings.answer_only and not has_pairs:
+    # default (None): answer-only loss whenever the rows are prompt/answer
+    answer_only = has_pairs if settings.answer_only is None else settings.answer_only
+    if answer_only and not has_pairs:
         raise MixcliError(f"{where}: {path} has no '{settings.prompt_field}' + '{settings.answer_field}' columns, "
                           f"which answer_only = true needs (columns: {', '.join(columns)})")
-    if settings.text_field in columns and not settings.answer_only:
-        return [(str(t) + eos, None) for t in data[settings.text_field]]
+    if settings.text_field in columns and not answer_only:
+        return [(str(t), None, f"{path.name} row {i + 1}") for i, t in enumerate(data[settings.text_field])]
     if has_pairs:
-        return [(str(p) + str(a) + eos, str(p)) for p, a in zip(data[settings.prompt_field], data[settings.answer_field])]
+        return [(str(p) + str(a), str(p) if answer_only else None, f"{path.name} row {i + 1}")
+                for i, (p, a) in enumerate(zip(data[settings.prompt_field], data[settings.answer_field]))]
     raise MixcliError(f"{where}: {path} has neither a '{settings.text_field}' column nor "
                       f"'{settings.prompt_field}' + '{settings.answer_field}' (columns: {', '.join(columns)})")
 
 
-def tokenize(tokenizer, rows, settings) -> list[tuple[list[int], int]]:
-    """(token ids, index of the first token the loss counts) per row; rows of one token are dropped.
-    With ``answer_only`` the loss starts after the prompt's tokens (the prompt tokenised alone)."""
-    texts = [text for text, _ in rows]
-    ids = tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"]
-    starts = [1] * len(ids)
-    if settings.answer_only:
-        prompts = tokenizer([prompt for _, prompt in rows], truncation=True, max_length=settings.max_length)["input_ids"]
-        starts = [max(1, len(p)) for p in prompts]
+def tokenize(tokenizer, rows, settings, generation_config=None) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first token the loss counts) per row, with BOS and EOS as the
+    model expects them (:mod:`mixcli.tokens`); rows of one token are dropped, rows the model
+    would read differently from its training text are named in a warning. A row with a
+    prompt (answer-only loss) starts its loss after the prompt's tokens (tokenised alone)."""
+    from mixcli import tokens
+
+    marks = tokens.specials(tokenizer, generation_config)
+    texts = [text for text, _, _ in rows]
+    ids = [tokens.encode(tokenizer, text, marks, eos=True, max_length=settings.max_length) for text in texts]
+    tokens.warn_surprises(tokenizer, texts, ids, "[tune] data", [name for _, _, name in rows])
+    starts = [1 if prompt is None else max(1, len(tokens.encode(tokenizer, prompt, marks,
+                                                                max_length=settings.max_length)))
+              for _, prompt, _ in rows]
     return [(seq, start) for seq, start in zip(ids, starts) if len(seq) > start]
 
 
@@ -149,6 +158,17 @@ def load_tokenizer(source: Path):
                           "tuning needs the tokenizer saved beside the model") from None
 
 
+def generation_config(source: Path) -> dict:
+    """The model's generation_config.json (which names the BOS it was trained with), or {}."""
+    import json
+
+    path = Path(source) / "generation_config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def train(source: Path, target: Path, settings, project, *, force: bool, progress: bool):
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise MixcliError("[tune] device is 'cuda', but torch sees no CUDA device here; use 'auto' or 'cpu'")
@@ -173,8 +193,8 @@ def _train(source: Path, target: Path, settings, project, world, cuda: bool, for
     # the config and data are read before the model, so that a mistake fails before any weight is loaded
     k = check_moe(source)
     tokenizer = load_tokenizer(source)
-    rows = load_texts(settings, project.file.parent, tokenizer.eos_token or "")
-    sequences = tokenize(tokenizer, rows, settings)
+    rows = load_texts(settings, project.file.parent)
+    sequences = tokenize(tokenizer, rows, settings, generation_config(source))
     if len(sequences) < 2:
         raise MixcliError(f"[tune] data: {len(sequences)} rows of two tokens or more; router tuning needs at least 2")
     if settings.batch_size % world.size:

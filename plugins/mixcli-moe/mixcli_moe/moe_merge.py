@@ -28,7 +28,7 @@ from mixcli import MixcliError, Upscaler, param
 
 from . import _common, _prompts
 from ._build import Recipe, build_plan
-from .routers import GATE_MODES, PROMPT_MODES
+from .routers import GATE_MODES, PROMPT_MODES, RANDOM_SCALE
 from .tune import tuned_output
 
 
@@ -38,6 +38,12 @@ class Params:
                                    "the base); list the base too to make its MLP an expert")
     experts_per_token: int = param(2, help="experts each token is routed to (k)", min=1)
     gate_mode: str = param("hidden", help="router initialisation (see the mixcli-moe README)", choices=GATE_MODES)
+    scale: float = param(RANDOM_SCALE, help="std of gate_mode = \"random\" routers, N(0, scale^2) (Llama's "
+                         "initializer_range); 1.0 is mergekit's N(0, 1) draw", min=0.0)
+    hidden_source: str = param("router_input", help="hidden modes: read the states each router sees "
+                               "(router_input: the MLP input after post_attention_layernorm, the attention "
+                               "input for q/k/v) or the residual stream entering the layer (residual: "
+                               "mergekit)", choices=("router_input", "residual"))
     hidden_dtype: str = param("bfloat16", help="dtype of the base's forward passes for hidden/hidden_avg "
                               "(mergekit: bfloat16)", choices=("bfloat16", "float32", "float16"))
     modules: list = param(["mlp"], help="what becomes experts: mlp, q_proj, k_proj, v_proj, o_proj")
@@ -100,7 +106,8 @@ def build(context):
                               "experts apart")
     recipe = Recipe(base=project.base, experts=experts, k=p["experts_per_token"],
                     modules=_common.modules(p["modules"], where), layers=_common.layers(p["layers"], where),
-                    layout=p["layout"], gate_mode=p["gate_mode"], hidden_dtype=p["hidden_dtype"], stem=p["stem"],
+                    layout=p["layout"], gate_mode=p["gate_mode"], scale=p["scale"], hidden_dtype=p["hidden_dtype"],
+                    hidden_source=p["hidden_source"], stem=p["stem"],
                     stem_params=dict(p["stem_params"]), noise=[mp[n]["noise_scale"] for n in experts],
                     residual=[mp[n]["residual_scale"] for n in experts], positive=positive, negative=negative,
                     aux_loss_coef=_common.aux_loss_coef(context))

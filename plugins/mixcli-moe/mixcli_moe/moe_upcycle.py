@@ -23,6 +23,7 @@ from mixcli import Upscaler, param
 
 from . import _common
 from ._build import Recipe, build_plan
+from .routers import RANDOM_SCALE
 from .tune import tuned_output
 
 
@@ -30,9 +31,11 @@ from .tune import tuned_output
 class Params:
     num_experts: int = param(4, help="experts per MoE layer", min=1)
     experts_per_token: int = param(2, help="experts each token is routed to (k)", min=1)
-    gate_mode: str = param("uniform_random", help="router initialisation: random (N(0,1), mergekit seed "
-                           "parity) or uniform_random (U(-1/sqrt(H), 1/sqrt(H)))",
+    gate_mode: str = param("uniform_random", help="router initialisation: random (N(0, scale^2), mergekit's "
+                           "seeded draw times scale) or uniform_random (U(-1/sqrt(H), 1/sqrt(H)))",
                            choices=("random", "uniform_random"))
+    scale: float = param(RANDOM_SCALE, help="std of gate_mode = \"random\" routers (Llama's initializer_range); "
+                         "1.0 is mergekit's N(0, 1) draw", min=0.0)
     modules: list = param(["mlp"], help="what becomes experts: mlp, q_proj, k_proj, v_proj, o_proj")
     layers: list = param([], help="layers to mix (default all); others keep a dense MLP / projections")
     noise_scale: float = param(0.0, help="std of the seeded Gaussian noise added to each expert's MLP", min=0.0)
@@ -47,7 +50,7 @@ def build(context):
     count = p["num_experts"]
     recipe = Recipe(base=name, experts=[name] * count, k=p["experts_per_token"],
                     modules=_common.modules(p["modules"], where), layers=_common.layers(p["layers"], where),
-                    layout=p["layout"], gate_mode=p["gate_mode"], noise=[p["noise_scale"]] * count,
+                    layout=p["layout"], gate_mode=p["gate_mode"], scale=p["scale"], noise=[p["noise_scale"]] * count,
                     aux_loss_coef=_common.aux_loss_coef(context))
     return build_plan(context, recipe, "moe_upcycle")
 

@@ -27,7 +27,7 @@ class TuneSettings:
     text_field: str = "text"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
-    answer_only: bool = False  # loss on answer tokens only (prompt/answer data)
+    answer_only: bool = None  # loss on answer tokens only; default: true when the rows are prompt/answer
     max_length: int = 512
     steps: int = 300
     batch_size: int = 8
@@ -39,7 +39,7 @@ class TuneSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.0  # rows held out to report CE before/after (none unless asked)
     train_modules: list = None  # extra parameter-name substrings to train
     seed: int = -1  # -1: the project's seed
     output: str = ""
@@ -69,9 +69,8 @@ def read_settings(project) -> TuneSettings:
     for key, value in table.items():
         if key not in KEYS:
             raise MixcliError(f"{where}: unknown key '{key}'{closest(key, KEYS)}")
-        want = type(getattr(defaults, key)) if key not in ("train_modules", "data") else list
-        if key == "data" and isinstance(value, str):
-            want = str
+        want = {"train_modules": list, "data": str if isinstance(value, str) else list,
+                "answer_only": bool}.get(key) or type(getattr(defaults, key))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
