@@ -1,21 +1,22 @@
-"""Quality of MoE mixing on the model zoo's language experts (mixcli-moe).
+"""Quality of MoE mixing on two language families (mixcli-moe).
 
-Builds (or reuses) the zoo's language family, then, for the MLP-only experts and for the
-fully fine-tuned experts, measures greedy exact match on each task's test set for:
+* ``--family zoo``: the model zoo's language experts (``--root`` a built zoo, e.g. the quick
+  zoo; built there with ``--size`` when missing);
+* ``--family llama``: the second family of ``benchmarks/llama_family.py`` (a char-level Llama
+  base without a tokenizer template and four FULL fine-tunes on tasks sharing one alphabet).
 
-* each expert on its own task (the reference: their average);
-* the best weight merges (ties, task_arithmetic) through `mixcli merge`;
-* MoEs through `mixcli merge` (moe_merge, k = 2): random routers, hidden-state routers
-  untuned, and hidden-state routers tuned with `mixcli tune` on a mix of the tasks' training
-  data; for the full fine-tunes also with q/k/v and q/k/v/o attention experts;
-* the oracle-routing bound: for each task, expert t's tensors in the routed groups and the
-  stem elsewhere, evaluated on task t (perfect routing, no MoE needed).
+Greedy exact match per task on the test split (``--split validation`` for choosing settings)
+of: each expert on its own task (the reference: their mean), the base, and MoEs (moe_merge,
+k = 2, ``--modules``) with random and hidden-state routers, untuned and tuned by
+`mixcli tune` with the ``[tune]`` DEFAULTS (the project names only ``data``: 100
+prompt/answer rows, 25 per task, from the training split). ``--sweep`` instead tunes the
+hidden MoE over a grid of learning rates and step counts and prints the validation means
+(how the defaults were chosen). ``--figure PATH`` copies the tuned hidden MoE's loss curve.
+``--merges`` adds the weight merges and the oracle-routing bound (zoo kinds of experts).
 
-    PYTHONPATH=plugins/mixcli-zoo python benchmarks/moe_quality.py [--root .zoo] [--size full]
-        [--steps 1000] [--lr 0.01] [--answer-only] [--stem-lambda 0.3]
-
-``--stem-lambda`` takes the non-expert tensors from task arithmetic with that λ (default:
-from the base), in the MoEs and in the oracle bound alike.
+    PYTHONPATH=plugins/mixcli-zoo python benchmarks/moe_quality.py --family zoo --root /work/zoo-shared/quick
+    PYTHONPATH=plugins/mixcli-zoo python benchmarks/moe_quality.py --family llama --root .llama-family
+    PYTHONPATH=plugins/mixcli-zoo python benchmarks/moe_quality.py --family llama --sweep --split validation
 """
 
 from __future__ import annotations
@@ -81,22 +82,24 @@ def weight_merge(work: Path, method: str, members, base) -> Path:
 
 
 def moe(work: Path, name: str, members, base, prompts, *, gate_mode: str, modules, tune: dict | None,
-        stem_lambda: float | None = None) -> Path:
+        stem_lambda: float | None = None, extra: str = "") -> Path:
+    """Merge (and, with ``tune``, tune with exactly that [tune] table) one MoE; its folder."""
     project = work / f"{name}.toml"
     text = toml_models(members, base, prompts) + (
         f'[method]\nname = "moe_merge"\nbase = "base"\nexperts_per_token = 2\ngate_mode = "{gate_mode}"\n'
-        f'hidden_dtype = "float32"\nmodules = {json.dumps(modules)}\nseed = 0\n'
+        f'hidden_dtype = "float32"\nmodules = {json.dumps(modules)}\nseed = 0\n{extra}'
         + ('stem = "base"\n' if stem_lambda is None else
            f'stem = "task_arithmetic"\nstem_params = {{ lambda = {stem_lambda} }}\n')
         + f'[output]\npath = "{name}"\n')
     if tune:
         text += "[tune]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in tune.items())
     project.write_text(text)
-    run("merge", project, "--force", "--no-progress")
+    if not (work / name / "config.json").is_file() or not tune:
+        run("merge", project, "--force", "--no-progress")
     if not tune:
         return work / name
     run("tune", project, "--force", "--no-progress")
-    return work / f"{name}-tuned"
+    return work / tune.get("output", f"{name}-tuned")
 
 
 ORACLE_GROUPS = {"mlp": ("mlp.",), "mlp+qkv": ("mlp.", "q_proj", "k_proj", "v_proj"),
@@ -131,76 +134,124 @@ def oracle(members, base: Path, tests, groups: list[str], stem_lambda: float | N
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path(".zoo"))
-    parser.add_argument("--size", default="full", choices=("full", "tiny"))
-    parser.add_argument("--work", type=Path, default=Path(".moe-quality"))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--kinds", default="mlp_experts,experts")
-    parser.add_argument("--answer-only", action="store_true", help="[tune] answer_only = true")
-    parser.add_argument("--stem-lambda", type=float, default=None)
-    args = parser.parse_args()
-    import transformers
+def load_family(args) -> tuple[Path, dict]:
+    """(root, manifest) of the family; built when missing (never rebuilt over another's build)."""
+    root = args.root.absolute()
+    if args.family == "llama":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from llama_family import build
 
-    transformers.utils.logging.disable_progress_bar()
+        return root, build(root)
+    manifest = root / "language" / "manifest.json"
+    if manifest.is_file():
+        return root, json.loads(manifest.read_text())
     from mixcli_zoo.build import build_zoo
 
+    return root, build_zoo(root, args.size, 0, families=("language",))["language"]
+
+
+def tuning_rows(train: dict, count: int) -> list[dict]:
+    """``count`` prompt/answer rows drawn evenly from the tasks' training splits, shuffled."""
+    per = count // len(train)
+    mix = [r for t, rows_of in train.items() for r in random.Random(t).sample(rows_of, min(per, len(rows_of)))]
+    random.Random(0).shuffle(mix)
+    return mix
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="zoo", choices=("zoo", "llama"))
+    parser.add_argument("--root", type=Path, default=None, help="zoo root, or the llama family's folder")
+    parser.add_argument("--size", default="quick", choices=("quick", "full", "tiny"))
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--rows", type=int, default=100, help="tuning rows (prompt/answer), evenly over the tasks")
+    parser.add_argument("--modules", default="mlp", help="comma-separated moe_merge modules")
+    parser.add_argument("--kind", default="experts", help="zoo: experts or mlp_experts")
+    parser.add_argument("--tune", default="", help="extra [tune] keys as JSON, e.g. '{\"steps\": 300}'")
+    parser.add_argument("--sweep", action="store_true", help="tune the hidden MoE over --lrs x --steps-grid")
+    parser.add_argument("--lrs", default="0.003,0.01,0.03")
+    parser.add_argument("--steps-grid", default="100,300")
+    parser.add_argument("--batches", default="16", help="sweep: batch sizes")
+    parser.add_argument("--merges", action="store_true", help="also weight merges and oracle routing")
+    parser.add_argument("--oracle-only", action="store_true", help="only the experts and oracle routing")
+    parser.add_argument("--stem-lambda", type=float, default=None)
+    parser.add_argument("--figure", type=Path, default=None, help="copy the tuned hidden MoE's tune_loss.png here")
+    args = parser.parse_args()
+    args.root = args.root or Path(".llama-family" if args.family == "llama" else ".zoo")
+    import torch
+    import transformers
+
+    # one thread: these models are tiny, and on a shared machine spinning threads cost 10x
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
     start = time.time()
-    root = args.root.absolute()
-    manifest = build_zoo(root, args.size, 0, families=("language",))["language"]
+    root, manifest = load_family(args)
     base = root / manifest["base"]
     data = manifest["data"]
-    tasks = [m["task"] for m in manifest["experts"]]
-    tests = {t: rows(root / data[t]["test"]) for t in tasks}
+    members = [dict(m, abs=str(root / m["path"])) for m in manifest[args.kind if args.family == "zoo" else "experts"]]
+    tasks = [m["task"] for m in members]
+    tests = {t: rows(root / data[t][args.split]) for t in tasks}
     train = {t: rows(root / data[t]["train"]) for t in tasks}
     prompts = {t: [r["prompt"] for r in train[t][:16]] for t in tasks}
-    work = args.work.absolute()
+    work = (args.work or Path(f".moe-quality/{args.family}")).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    mix = [r for t in tasks for r in random.Random(t).sample(train[t], min(150, len(train[t])))]
-    random.Random(0).shuffle(mix)
-    (work / "tune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mix))
-    tune = {"data": str(work / "tune.jsonl"), "steps": args.steps, "batch_size": 16, "lr": args.lr,
-            "max_length": 64, "eval_fraction": 0.1, "seed": 0, "answer_only": args.answer_only}
+    (work / "tune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tuning_rows(train, args.rows)))
+    defaults = {"data": str(work / "tune.jsonl"), **json.loads(args.tune or "{}")}
+    modules = args.modules.split(",")
     table = []
+    label_of = f"{args.family}/{args.split}"
 
-    def record(kind, label, folder, own=None):
+    def record(label, folder, own=None):
         scores = own if own is not None else exact_match(folder, tests)
         mean = sum(scores.values()) / len(scores)
-        table.append((kind, label, scores, mean))
-        print(f"{kind:<12} {label:<34} " + " ".join(f"{t}={scores[t]:.3f}" for t in tasks) + f"  mean={mean:.3f}",
-              flush=True)
+        reference = table[0][3] if table else mean
+        table.append((label_of, label, scores, mean))
+        print(f"{label_of:<16} {label:<44} " + " ".join(f"{t}={scores[t]:.3f}" for t in tasks)
+              + f"  mean={mean:.3f} ({100 * mean / reference:.1f} % of experts)", flush=True)
         return mean
 
-    for kind in args.kinds.split(","):
-        members = [dict(m, abs=str(root / m["path"])) for m in manifest[kind]]
-        kwork = work / kind
-        kwork.mkdir(exist_ok=True)
-        own = {m["task"]: exact_match(root / m["path"], {m["task"]: tests[m["task"]]})[m["task"]] for m in members}
-        record(kind, "experts (own task)", None, own)
-        record(kind, "base", base)
-        for method in ("task_arithmetic", "ties"):
-            record(kind, f"weight merge: {method}", weight_merge(kwork, method, members, base))
-        variants = [("random routers, untuned", "random", ["mlp"], None),
-                    ("hidden routers, untuned", "hidden", ["mlp"], None),
-                    ("hidden routers, tuned", "hidden", ["mlp"], tune)]
-        groups = ["mlp"]
-        if kind == "experts":
-            qkv, qkvo = ["mlp", "q_proj", "k_proj", "v_proj"], ["mlp", "q_proj", "k_proj", "v_proj", "o_proj"]
-            variants += [("mlp+qkv, hidden, untuned", "hidden", qkv, None),
-                         ("mlp+qkv, hidden, tuned", "hidden", qkv, tune),
-                         ("mlp+qkvo, hidden, untuned", "hidden", qkvo, None),
-                         ("mlp+qkvo, hidden, tuned", "hidden", qkvo, tune)]
-            groups += ["mlp+qkv", "mlp+qkvo"]
-        for index, (label, mode, modules, tuning) in enumerate(variants):
-            record(kind, f"MoE: {label}", moe(kwork, f"moe{index}", members, base, prompts, gate_mode=mode,
-                                              modules=modules, tune=tuning, stem_lambda=args.stem_lambda))
+    own = {m["task"]: exact_match(Path(m["abs"]), {m["task"]: tests[m["task"]]})[m["task"]] for m in members}
+    record("experts (own task)", None, own)
+    if args.oracle_only:
+        groups = ["mlp", "mlp+qkv", "mlp+qkvo"]
         for group, scores in oracle(members, base, tests, groups, args.stem_lambda).items():
-            record(kind, f"oracle routing: {group}", None, scores)
-    print(f"\n| experts | model | {' | '.join(tasks)} | mean |\n|---|---|{'---|' * len(tasks)}---|")
-    for kind, label, scores, mean in table:
-        print(f"| {kind} | {label} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks) + f" | {mean:.3f} |")
+            record(f"oracle routing: {group}", None, scores)
+    elif args.sweep:
+        moe(work, "sweep", members, base, prompts, gate_mode="hidden", modules=modules, tune=None)
+        for batch in map(int, args.batches.split(",")):
+            for lr in map(float, args.lrs.split(",")):
+                for steps in map(int, args.steps_grid.split(",")):
+                    tune = dict(defaults, lr=lr, steps=steps, batch_size=batch, output=f"sweep-{lr:g}-{steps}-{batch}")
+                    folder = moe(work, "sweep", members, base, prompts, gate_mode="hidden", modules=modules,
+                                 tune=tune)
+                    record(f"MoE hidden, tuned lr {lr:g} steps {steps} batch {batch}", folder)
+    else:
+        record("base", base)
+        if args.merges:
+            for method in ("task_arithmetic", "ties"):
+                record(f"weight merge: {method}", weight_merge(work, method, members, base))
+        variants = [("random routers, untuned", "random", None, ""),
+                    ("hidden routers (mergekit residual), untuned", "hidden", None, 'hidden_source = "residual"\n'),
+                    ("hidden routers, untuned", "hidden", None, ""),
+                    ("random routers, tuned (defaults)", "random", defaults, ""),
+                    ("hidden routers (mergekit residual), tuned", "hidden", defaults, 'hidden_source = "residual"\n'),
+                    ("hidden routers, tuned (defaults)", "hidden", defaults, "")]
+        for index, (label, mode, tuning, extra) in enumerate(variants):
+            folder = moe(work, f"moe{index}", members, base, prompts, gate_mode=mode, modules=modules,
+                         tune=tuning, stem_lambda=args.stem_lambda, extra=extra)
+            record(f"MoE {'+'.join(modules)}: {label}", folder)
+            if args.figure and tuning and label.startswith("hidden routers, tuned"):
+                args.figure.parent.mkdir(parents=True, exist_ok=True)
+                args.figure.write_bytes((folder / "tune_loss.png").read_bytes())
+        if args.merges:
+            groups = ["mlp"] + (["mlp+qkv", "mlp+qkvo"] if len(modules) > 1 else [])
+            for group, scores in oracle(members, base, tests, groups, args.stem_lambda).items():
+                record(f"oracle routing: {group}", None, scores)
+    print(f"\n| family/split | model | {' | '.join(tasks)} | mean | % of experts |\n|---|---|{'---|' * len(tasks)}---|---|")
+    for family, label, scores, mean in table:
+        print(f"| {family} | {label} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks)
+              + f" | {mean:.3f} | {100 * mean / table[0][3]:.1f} |")
     print(f"\n{time.time() - start:.0f} s", file=sys.stderr)
 
 

@@ -286,6 +286,34 @@ def test_prompt_routers_match_an_independent_computation(tmp_path, llama_family,
             assert torch.allclose(got.norm(dim=-1), torch.ones(4), atol=1e-5)
 
 
+def test_a_degenerate_layer_takes_the_mean_over_tokens_and_says_so(tmp_path, llama_family):
+    # every prompt ends in "=": the residual stream entering layer 0 at the last token is the
+    # embedding of "=" for every expert, so that layer's last-token rows are identical
+    prompts = {"ft1": ["12+34=", "5*5="], "ft2": ["abc=", "xyz="], "ft3": ["hello=", "the end="]}
+    project = merge_project(tmp_path, llama_family, prompts=False, gate_mode="hidden", hidden_dtype="float32",
+                            hidden_source="residual")
+    text = project.read_text()
+    for name, own in prompts.items():
+        text = text.replace(f'{name} = {{ path = "{llama_family[name]}" }}',
+                            f'{name} = {{ path = "{llama_family[name]}", positive_prompts = {json.dumps(own)} }}')
+    project.write_text(text)
+    result = run("merge", project)
+    assert ("warning: project.toml: [method]: residual router rows of layers [0] were near-identical at the last "
+            "token (condition number ") in " ".join(result.output.split())
+    assert ("every prompt ends in the token '=', whose state there is the same for every expert); those layers "
+            "use the mean over all prompt tokens instead (as gate_mode = \"hidden_avg\")") in " ".join(result.output.split())
+    out = tiny_models.load_tensors(tmp_path / "out")
+    for e, name in enumerate(("ft1", "ft2", "ft3")):
+        last = _independent_prompt_states(llama_family["base"], prompts[name], False, torch.float32)
+        mean = _independent_prompt_states(llama_family["base"], prompts[name], True, torch.float32)
+        want = torch.cat([mean[:1], last[1:]])
+        want = want / want.norm(dim=-1, keepdim=True)
+        got = torch.stack([out[f"model.layers.{layer}.mlp.gate.weight"][e] for layer in range(4)])
+        assert torch.allclose(got, want, atol=1e-5), (name, (got - want).abs().max())
+    rows = torch.stack([out[f"model.layers.0.mlp.gate.weight"][e] for e in range(3)])
+    assert float(torch.linalg.cond(rows)) < 1e3
+
+
 def _independent_o_proj_inputs(folder, prompts, average):
     """What enters o_proj, rebuilt from eager attention probabilities and v_proj by hand."""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
@@ -646,3 +674,39 @@ def test_tune_numbers_that_cannot_train_are_one_line_errors(tuned, tmp_path, set
     bad = write_project(tmp_path, text.replace("[tune]", f"[tune]\n{setting}"), "bad.toml")
     tune_fails([bad, "--model", folder / "out", "--out", tmp_path / "t"], f"bad.toml: [tune]: {message}")
     assert not (tmp_path / "t").exists()
+
+
+def _answer_ce(folder, rows):
+    """Mean CE of <s> prompt answer </s> on the answer tokens and EOS, with stock transformers."""
+    tok = tiny_models.tokenizer()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            prompt = [1] + tok(row["prompt"], add_special_tokens=False)["input_ids"]
+            ids = prompt + tok(row["answer"], add_special_tokens=False)["input_ids"] + [2]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            for j in range(len(prompt), len(ids)):
+                total -= float(logp[j - 1, ids[j]])
+                count += 1
+    return total / count
+
+
+def test_tuning_with_the_defaults_lowers_held_out_loss(tmp_path):
+    # a family whose experts differ (task vectors of scale 0.3); [tune] names only the data
+    family = tiny_models.build_family(tmp_path / "family", "llama", experts=3, seed=7, layers=2, delta=0.3)
+    import random
+
+    rng = random.Random(0)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(pairs)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs]
+    train, held_out = rows[:60], rows[60:]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    project = merge_project(tmp_path, family, tune='[tune]\ndata = "train.jsonl"\n')
+    run("merge", project)
+    run("tune", project, "--no-progress")
+    before, after = _answer_ce(tmp_path / "out", held_out), _answer_ce(tmp_path / "out-tuned", held_out)
+    assert after < before - 0.01, (before, after)
+    log = json.loads((tmp_path / "out-tuned" / "tune_log.json").read_text())
+    assert log["settings"]["answer_only"] is None and log["settings"]["eval_fraction"] == 0.0

@@ -165,12 +165,13 @@ class _PromptRouters:
                                                   tuple(dict.fromkeys(places.values())), self.where)
         ending = router_init.common_last_token(self.tokenizer, [p for ps in recipe.positive for p in ps],
                                                router_init.specials_of(self.base, self.tokenizer))
-        cause = f"every prompt ends in the token {ending!r}" if ending is not None else "the prompts' last tokens"
+        cause = (f"every prompt ends in the token {ending!r}, whose state there is the same for every expert"
+                 if ending is not None else "the experts' prompts end in the same state there")
         for place, layers in repaired.items():
             worst = max(layers.values())
             warn(f"{self.where}: {place} router rows of layers {sorted(layers)} were near-identical at the last "
-                 f"token (condition number {worst:.1e}; {cause} give the same state there); those layers use "
-                 "the mean over all prompt tokens instead (as gate_mode = \"hidden_avg\")")
+                 f"token (condition number {worst:.1e}: {cause}); those layers use the mean over all prompt "
+                 "tokens instead (as gate_mode = \"hidden_avg\")")
         for place, routers in found.items():
             bad = router_init.nearly_parallel(routers)
             if bad:

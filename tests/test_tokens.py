@@ -1,0 +1,84 @@
+"""Tokenisation as the model expects it (mixcli/tokens.py), shared by router tuning rows,
+router prompts and the exact_match / perplexity evaluators."""
+
+import json
+
+import torch
+import transformers
+
+import tiny_models
+from mixcli import tokens
+
+
+def templateless():
+    """The tiny char tokenizer without its template: it adds no BOS by itself."""
+    tok = tiny_models.tokenizer()
+    tok.backend_tokenizer.post_processor = None
+    assert tok("ab")["input_ids"] == [tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")]
+    return tok
+
+
+def test_bos_comes_from_the_template_or_the_generation_config():
+    tok = tiny_models.tokenizer()  # its template adds <s>
+    assert tokens.specials(tok) == tokens.Specials(1, 2)
+    bare = templateless()
+    assert tokens.specials(bare).bos is None  # nothing says the model wants a BOS
+    assert tokens.specials(bare, {"bos_token_id": 1}).bos == 1  # the model's generation config does
+    assert tokens.specials(bare, transformers.GenerationConfig(bos_token_id=1)).bos == 1
+    assert tokens.specials(bare, {"bos_token_id": 7}).bos is None  # not the tokenizer's BOS: no
+
+
+def test_rows_with_and_without_a_leading_bos_give_the_same_ids():
+    for tok, generation in ((tiny_models.tokenizer(), None), (templateless(), {"bos_token_id": 1})):
+        marks = tokens.specials(tok, generation)
+        plain = [1] + tok("12+34=46", add_special_tokens=False)["input_ids"]
+        assert tokens.encode(tok, "12+34=46", marks) == plain
+        assert tokens.encode(tok, "<s>12+34=46", marks) == plain
+        assert tokens.encode(tok, "12+34=46", marks, eos=True) == plain + [2]
+        assert tokens.encode(tok, "<s>12+34=46</s>", marks, eos=True) == plain + [2]
+        assert tokens.encode(tok, "12+34=46", marks, eos=True, max_length=3) == plain[:3]
+        batch = tokens.batch(tok, ["1+1=", "<s>12+34="], marks, left=True)
+        assert batch["input_ids"][0].tolist()[-5:] == [1] + tok("1+1=", add_special_tokens=False)["input_ids"]
+        assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1] * 7]
+
+
+def test_tune_rows_get_one_bos_and_odd_rows_are_named(tmp_path, capsys):
+    from mixcli_moe._train import load_texts, tokenize
+    from mixcli_moe.tune import TuneSettings
+
+    rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "<s>12+34=", "answer": "46"},
+            {"prompt": "9-3=", "answer": "6\u00e9"}, {"prompt": "1+1=</s>", "answer": "2"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = TuneSettings(data="rows.jsonl")
+    found = load_texts(settings, tmp_path)
+    for tok, generation in ((tiny_models.tokenizer(), None), (templateless(), {"bos_token_id": 1})):
+        sequences = tokenize(tok, found, settings, generation)
+        want = [1] + tok("12+34=46", add_special_tokens=False)["input_ids"] + [2]
+        assert sequences[0] == sequences[1] == (want, 7)  # answer-only by default: loss from the answer on
+        warning = " ".join(capsys.readouterr().err.split())
+        assert "warning: [tune] data: 2 of 4 rows are tokenised differently from the model's training text" in warning
+        assert "rows.jsonl row 3 '9-3=6é': characters the tokenizer does not know (read as its unknown token): 'é'" \
+            in warning
+        assert "rows.jsonl row 4 '1+1=</s>2': a special token's text inside the row ('</s>')" in warning
+
+
+def test_exact_match_prompts_get_the_bos_the_model_was_trained_with(tmp_path):
+    from mixcli_eval.metrics import exact_match, mean_token_loss
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_models.config("llama", 2)).eval()
+    prompts = ["12+34=", "5*5=", "abc:"]
+    answers = []
+    tok = tiny_models.tokenizer()
+    for prompt in prompts:  # the greedy continuation after <s> prompt, computed one prompt at a time
+        ids = torch.tensor([[1] + tok(prompt, add_special_tokens=False)["input_ids"]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0, eos_token_id=2)
+        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    bare = templateless()
+    assert model.generation_config.bos_token_id == 1
+    assert exact_match(model, tok, prompts, answers, max_new_tokens=4) == 1.0
+    assert exact_match(model, bare, prompts, answers, max_new_tokens=4) == 1.0
+    assert exact_match(model, bare, ["<s>" + p for p in prompts], answers, max_new_tokens=4) == 1.0
+    texts = ["12+34=46", "abc:cba"]
+    assert mean_token_loss(model, bare, texts) == mean_token_loss(model, tok, ["<s>" + t for t in texts])
