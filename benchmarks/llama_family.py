@@ -99,16 +99,18 @@ def encode(tok, rows: list[dict], answer_only: bool):
     return x, m, y
 
 
-def build(out: Path, seed: int = 0, log=print) -> dict:
+def build(out: Path, seed: int = 0, log=print, ft_lr: float | None = None, ft_steps: int | None = None) -> dict:
     from transformers import LlamaForCausalLM
 
     from mixcli_zoo.language import make_config, train
     from mixcli_zoo.training import seed_everything, set_threads, write_json
 
+    sizes = dict(SIZES, ft_lr=ft_lr or SIZES["ft_lr"], ft_steps=ft_steps or SIZES["ft_steps"])
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("version") == VERSION and manifest.get("seed") == seed:
+        if manifest.get("version") == VERSION and manifest.get("seed") == seed and (
+                (ft_lr is None and ft_steps is None) or manifest.get("hyperparameters") == sizes):
             return manifest
     set_threads(1)
     start = time.time()
@@ -144,8 +146,8 @@ def build(out: Path, seed: int = 0, log=print) -> dict:
     experts = []
     for task in TASKS:
         model.load_state_dict(base_state)
-        train(model, encode(tok, task_rows[task]["train"], answer_only=True), steps=SIZES["ft_steps"],
-              lr=SIZES["ft_lr"], batch=SIZES["batch"], gen=gen, warmup=10, label=f"llama family: expert {task}")
+        train(model, encode(tok, task_rows[task]["train"], answer_only=True), steps=sizes["ft_steps"],
+              lr=sizes["ft_lr"], batch=SIZES["batch"], gen=gen, warmup=10, label=f"llama family: expert {task}")
         model.eval()
         model.save_pretrained(out / "experts" / task)
         tok.save_pretrained(out / "experts" / task)
@@ -153,7 +155,7 @@ def build(out: Path, seed: int = 0, log=print) -> dict:
         log(f"  expert {task} trained ({time.time() - start:.0f}s)")
     manifest = {"family": "llama-family", "version": VERSION, "seed": seed, "base": "base", "experts": experts,
                 "data": data, "metric": "greedy exact match of the stripped continuation",
-                "hyperparameters": SIZES, "build_seconds": round(time.time() - start, 1)}
+                "hyperparameters": sizes, "build_seconds": round(time.time() - start, 1)}
     write_json(manifest_path, manifest)
     return manifest
 
@@ -162,8 +164,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ft-lr", type=float, default=None, help=f"experts' learning rate ({SIZES['ft_lr']})")
+    parser.add_argument("--ft-steps", type=int, default=None, help=f"experts' steps ({SIZES['ft_steps']})")
     args = parser.parse_args()
-    manifest = build(args.out.absolute(), args.seed)
+    manifest = build(args.out.absolute(), args.seed, ft_lr=args.ft_lr, ft_steps=args.ft_steps)
     print(json.dumps({"build_seconds": manifest["build_seconds"], "experts": [e["task"] for e in manifest["experts"]]}))
 
 
