@@ -191,3 +191,72 @@ def test_the_fitness_may_not_be_the_report(tmp_path, llama_family):
     with pytest.raises(MixcliError, match=r"\[\[search.fitness\]\] #1: the fitness is the same as "
                                           r"project.toml: \[\[evaluation\]\] #1, the report"):
         load_project(write_project(tmp_path, text))
+
+
+def dfs_plan(tmp_path, family, search):
+    from mixcli.plugins import get_registry
+    from mixcli_evolve.search import plan_search
+
+    (tmp_path / "valid.txt").write_text("12+34=46\n")
+    path = write_project(tmp_path, project_text(family, search='space = "layers"\ndtype = "float32"\n' + search))
+    project, method = load_project(path)
+    return plan_search(project, method, get_registry())
+
+
+def test_dfs_all_on_with_unit_scales_is_the_concatenation_of_the_sources(tmp_path, llama_family):
+    import torch
+
+    import tiny_models
+    from mixcli.inmemory import build_state_dict
+    from mixcli.project import project_from_dict
+
+    plan = dfs_plan(tmp_path, llama_family, 'scales = "none"')
+    genome = plan.genome
+    assert genome.shape == (8, 0) and genome.binary() == list(range(8))
+    assert genome.decode(genome.initial())["method"]["layers"] == [{"model": "ft1", "layer": i} for i in range(4)]
+    recipe = genome.decode([1.0] * 8)
+    assert recipe["method"]["layers"] == ([{"model": "ft1", "layer": i} for i in range(4)]
+                                          + [{"model": "ft2", "layer": i} for i in range(4)])
+    built = build_state_dict(project_from_dict(recipe, tmp_path))
+    sources = [tiny_models.load_tensors(llama_family["ft1"]), tiny_models.load_tensors(llama_family["ft2"])]
+    for k in range(8):
+        source, layer = sources[k // 4], k % 4
+        names = [n for n in source if n.startswith(f"model.layers.{layer}.")]
+        assert names and all(torch.equal(built[n.replace(f"layers.{layer}.", f"layers.{k}.")], source[n])
+                             for n in names)
+    assert torch.equal(built["model.embed_tokens.weight"], sources[0]["model.embed_tokens.weight"])
+    assert torch.equal(built["lm_head.weight"], sources[1]["lm_head.weight"])
+
+
+def test_dfs_pair_scales_and_length_limits(tmp_path, llama_family):
+    plan = dfs_plan(tmp_path, llama_family, "repeats = 2\nmax_path_length = 5")
+    genome = plan.genome
+    assert genome.shape == (16, 4)  # 2 models x 4 layers x 2 repeats; a scale per model pair
+    x = [-1.0] * 16 + [1.0, 0.5, 0.25, 2.0]  # scales ft1->ft1, ft1->ft2, ft2->ft1, ft2->ft2
+    x[3] = x[4] = x[8 + 2] = 1.0  # ft1 layer 3, ft2 layer 0, then (repeat 2) ft1 layer 2
+    steps = genome.decode(x)["method"]["layers"]
+    assert steps == [{"model": "ft1", "layer": 3}, {"model": "ft2", "layer": 0, "scale": 0.5},
+                     {"model": "ft1", "layer": 2, "scale": 0.25}]
+    assert genome.decode([1.0] * 6 + [-1.0] * 10 + [1.0] * 4) is None  # 6 layers > max_path_length
+    assert genome.decode([-1.0] * 16 + [1.0] * 4) is None  # an empty path
+
+
+def test_a_dfs_search_scores_infeasible_paths_worst_without_building_them(tmp_path, llama_family):
+    import json
+
+    import tiny_models
+    from mixcli_evolve.run import evolve_project
+
+    (tmp_path / "valid.txt").write_text("12+34=46\n7*8=56\n")
+    path = write_project(tmp_path, project_text(llama_family).replace(
+        "budget = 10", 'budget = 6\nspace = "layers"\ndtype = "float32"\nmax_path_length = 4\nsigma0 = 0.6\nseed = 2'))
+    outcome, plan = evolve_project(path, show_progress=False, say=lambda text: None)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "record.jsonl").read_text().splitlines()[1:]]
+    assert [r["evaluation"] for r in rows if not r["cached"]] == list(range(1, 7))
+    infeasible = [r for r in rows if r.get("infeasible")]
+    assert infeasible and all(r["fitness"] is None and r["recipe"] is None for r in infeasible)
+    assert all(sum(g > 0 for g in r["genotype"][:8]) > 4 for r in infeasible)
+    from mixcli_evolve.report import finish
+
+    finish(outcome, plan, save=True, show_progress=False)
+    assert tiny_models.logits(tmp_path / "out" / "model").shape[-1] == len(tiny_models.tokenizer())

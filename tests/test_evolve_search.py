@@ -27,7 +27,7 @@ class ToyParams:
 
 
 def toy_distance(context) -> dict:
-    candidate = tiny_models.load_tensors(context.model_path)
+    candidate = context.load_model("AutoModelForCausalLM").state_dict()  # a resident model, or a folder
     target = tiny_models.load_tensors(context.path(context.params["target"]))
     CALLS.append(context.model_path)
     if len(CALLS) == INTERRUPT_AT[0]:

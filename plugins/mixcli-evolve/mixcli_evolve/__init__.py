@@ -17,6 +17,8 @@ def check_search(project, method, registry) -> None:
 
     plan = plan_search(project, method, registry)
     first = plan.genome.decode(plan.genome.initial())
+    if first is None:  # a layer path outside the length limits: nothing to plan
+        return
     try:  # the recipes the search writes plan like any project
         prepare(project.file.resolve().parent / "candidate.toml", recipe_text(first))
     except MixcliError as error:

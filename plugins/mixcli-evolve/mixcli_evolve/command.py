@@ -9,11 +9,13 @@ import click
 
 @click.command()
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="The search's folder (overrides [output] path).")
 @click.option("--resume", is_flag=True, help="Continue the search recorded in the output folder.")
 @click.option("--force", is_flag=True, help="Start over in an output folder that holds a search record.")
 @click.option("--no-save", is_flag=True, help="Do not write the best model at the end (best.toml is still written).")
 @click.option("--no-progress", is_flag=True, help="No progress display.")
-def evolve(project, resume, force, no_save, no_progress):
+def evolve(project, out, resume, force, no_save, no_progress):
     """Search for the recipe of PROJECT's models that scores best on its [[search.fitness]].
 
     The search runs until [search] budget fitness evaluations are spent; Ctrl-C stops it after
@@ -22,12 +24,12 @@ def evolve(project, resume, force, no_save, no_progress):
     from .report import finish
     from .run import evolve_project
 
-    outcome, plan = evolve_project(project, resume=resume, force=force, show_progress=not no_progress)
+    outcome, plan = evolve_project(project, resume=resume, force=force, show_progress=not no_progress, out=out)
     if outcome.stopped:
         from mixcli.progress import console
 
         console(stderr=True).print(f"stopped after {outcome.evaluations} evaluations; the record and "
                                    f"{outcome.folder / 'best.toml'} are intact: continue with "
-                                   f"`mixcli evolve {project} --resume`", soft_wrap=True, markup=False)
+                                   f"`mixcli evolve {project} --resume{f' --out {out}' if out else ''}`", soft_wrap=True, markup=False)
         click.get_current_context().exit(130)
     finish(outcome, plan, save=not no_save, show_progress=not no_progress)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mixcli.errors import MixcliError
 
-from .recipe import recipe_text
+from .recipe import recipe_hash, recipe_text
 from .settings import FitnessTerm
 
 
@@ -22,22 +20,22 @@ class FitnessSetup:
     terms: list[FitnessTerm]
     models: dict[str, Path]  # the project's models, for evaluators that read per-task heads
     base_dir: Path  # the project's folder: relative data paths and recipe paths resolve here
-    scratch: Path  # where candidates built on disk live while they are measured
     device: str = "cpu"
 
 
 @contextlib.contextmanager
 def candidate(recipe: dict, setup: FitnessSetup):
-    """The candidate of ``recipe`` as (model folder, resident model or None), gone afterwards.
+    """The candidate of ``recipe`` as (a name for messages, a resident transformers model), built in
+    memory by the engine `mixcli merge` uses: its tensors are bitwise those `mixcli merge` writes
+    for the same recipe, and nothing is written to disk."""
+    from mixcli.inmemory import build_model
+    from mixcli.project import project_from_dict
 
-    It is merged, by the engine `mixcli merge` uses, into a scratch folder beside the record,
-    so that the scored model is the one `mixcli merge best.toml` writes."""
-    setup.scratch.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="candidate-", dir=setup.scratch))
+    model = build_model(project_from_dict(recipe, setup.base_dir, "candidate.toml"), device=setup.device)
     try:
-        yield merge_recipe(recipe, setup.base_dir, folder / "model", progress=False), None
+        yield Path(f"candidate {recipe_hash(recipe)}"), model
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        del model
 
 
 def merge_recipe(recipe: dict, base_dir: Path, target: Path, progress: bool = True, force: bool = False) -> Path:
@@ -62,10 +60,10 @@ def score(recipe: dict, setup: FitnessSetup, registry=None) -> dict:
     registry = registry or get_registry()
     started = time.perf_counter()
     results = []
-    with candidate(recipe, setup) as (folder, _model):
+    with candidate(recipe, setup) as (name, model):
         for term in setup.terms:
-            metrics = run_evaluator(registry.evaluators[term.evaluator], folder, dict(term.params), term.where,
-                                    setup.models, setup.base_dir, setup.device)
+            metrics = run_evaluator(registry.evaluators[term.evaluator], name, dict(term.params), term.where,
+                                    setup.models, setup.base_dir, setup.device, model=model, show_progress=False)
             results.append({key: float(value) for key, value in metrics.items()
                             if isinstance(value, (int, float)) and not isinstance(value, bool)})
     return {"fitness": combine(setup.terms, results), "metrics": results,

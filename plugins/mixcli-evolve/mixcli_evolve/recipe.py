@@ -34,6 +34,8 @@ def skeleton(project, method, settings: SearchSettings) -> dict:
         models[name] = entry
     table = {k: v for k, v in data["method"].items() if k not in GENE_KEYS + ("normalize", "int8_mask")}
     table["dtype"] = settings.dtype
+    if settings.space == "layers":  # the paths' recipes name only the models (paths below)
+        return {"models": models, "method": table}
     specs = method.param_specs
     if "normalize" in specs:
         table["normalize"] = settings.normalize

@@ -64,14 +64,15 @@ def finish(outcome, plan, save: bool = True, show_progress: bool = True, say=Non
     setup = fitness_setup(plan)
     rows = []
 
-    def measure(model: Path) -> None:
+    def measure(folder: Path, model=None) -> None:
         models = {name: ref.resolved_path for name, ref in project.models.items()}
         for spec in project.evaluations:
             from mixcli.plugins import get_registry
 
-            metrics = run_evaluator(get_registry().evaluators[spec.evaluator], model, spec.params, spec.where,
-                                    models, project.file.resolve().parent, plan.settings.device)
-            rows.append({"model": str(model), "evaluator": spec.evaluator, "metrics": metrics})
+            metrics = run_evaluator(get_registry().evaluators[spec.evaluator], folder, spec.params, spec.where,
+                                    models, project.file.resolve().parent, plan.settings.device, model=model,
+                                    show_progress=show_progress)
+            rows.append({"model": str(folder), "evaluator": spec.evaluator, "metrics": metrics})
 
     if save:
         written = merge_recipe(recipe, project.file.resolve().parent, folder / BEST_MODEL, progress=show_progress,
@@ -79,8 +80,8 @@ def finish(outcome, plan, save: bool = True, show_progress: bool = True, say=Non
         out.print(f"[green]wrote[/] {written} (the best recipe, {folder / BEST_RECIPE})")
         measure(written)
     elif project.evaluations:
-        with candidate(recipe, setup) as (model, _):
-            measure(model)
+        with candidate(recipe, setup) as (name, model):
+            measure(name, model)
     top = top_entries(outcome.entries)
     report.update(best={k: best[k] for k in ("evaluation", "recipe", "fitness", "metrics", "genotype")},
                   report=rows, top=[{k: e[k] for k in ("evaluation", "recipe", "fitness", "metrics")} for e in top])

@@ -10,15 +10,17 @@ from mixcli.errors import MixcliError
 
 from .executors import make_executor
 from .fitness import FitnessSetup
-from .search import SCRATCH, plan_search, prepare_folder, run
+from .search import plan_search, prepare_folder, run
 
 
-def load(path: Path):
+def load(path: Path, out: Path | None = None):
     from mixcli.core import load_project
     from mixcli.plugins import get_registry
 
     registry = get_registry()
     project, method = load_project(path, registry)
+    if out is not None:
+        project.output_path = Path(out)
     if "search" not in project.sections:
         raise MixcliError(f"{project.where}: no [search] table; add one with a budget and [[search.fitness]] "
                           "(see README, \"Evolutionary recipe search\")")
@@ -31,15 +33,15 @@ def load(path: Path):
 def fitness_setup(plan) -> FitnessSetup:
     project = plan.project
     return FitnessSetup(plan.settings.fitness, {name: ref.resolved_path for name, ref in project.models.items()},
-                        project.file.resolve().parent, Path(project.output_path).absolute() / SCRATCH,
-                        plan.settings.device)
+                        project.file.resolve().parent, plan.settings.device)
 
 
-def evolve_project(path: Path, resume: bool = False, force: bool = False, show_progress: bool = True, say=None):
+def evolve_project(path: Path, resume: bool = False, force: bool = False, show_progress: bool = True, say=None,
+                   out: Path | None = None):
     """Run (or continue) the search of the project at ``path``; returns (outcome, plan)."""
     from mixcli.progress import console, progress
 
-    project, method, registry, plan = load(Path(path))
+    project, method, registry, plan = load(Path(path), out)
     folder = Path(project.output_path)
     replay = prepare_folder(folder, plan, resume, force)
     settings = plan.settings
@@ -64,8 +66,5 @@ def evolve_project(path: Path, resume: bool = False, force: bool = False, show_p
             outcome = run(plan, folder, executor, setup, replay, progress=update, say=say)
     finally:
         executor.close()
-        import shutil
-
-        shutil.rmtree(setup.scratch, ignore_errors=True)
     outcome.seconds = time.monotonic() - started
     return outcome, plan

@@ -25,7 +25,6 @@ from .recipe import BEST_RECIPE, recipe_hash, recipe_text, skeleton, write_atomi
 from .settings import SearchSettings, parse_search, population_size
 
 RECORD = "record.jsonl"
-SCRATCH = ".candidates"
 WORST = 1e30  # the loss of an infeasible candidate (CMA-ES only ranks losses)
 
 
@@ -55,9 +54,18 @@ def plan_search(project, method, registry) -> SearchPlan:
 
     settings = parse_search(project, method, registry)
     layers = {}
-    for name in settings.models + ([settings.base] if settings.base else []):
+    for name in settings.models + ([settings.base] if settings.base and settings.space != "layers" else []):
         layers[name] = open_model(project.models[name], registry).num_layers
-    if len(set(layers.values())) != 1 or None in layers.values():
+        if layers[name] is None:
+            raise MixcliError(f"{project.models[name].where}: the model has no layer count in its config.json, "
+                              "so the search cannot lay out its layers")
+    if settings.space == "layers":
+        from .paths import PathGenome
+
+        paths = {name: entry["path"] for name, entry in skeleton(project, method, settings)["models"].items()}
+        genome = PathGenome(settings, layers, {name: paths[name] for name in settings.models})
+        return SearchPlan(project, method, settings, genome, population_size(settings, genome.dimension))
+    if len(set(layers.values())) != 1:
         counts = ", ".join(f"'{name}' {count}" for name, count in layers.items())
         raise MixcliError(f"{settings.where}: the searched models need the same number of layers ({counts})")
     genome = Genome(settings, next(iter(layers.values())), skeleton(project, method, settings))
@@ -180,7 +188,8 @@ def run(plan: SearchPlan, folder: Path, executor, setup: FitnessSetup, replay: l
     def append(entry: dict, recipe: dict) -> None:
         nonlocal best
         entries.append(entry)
-        recipes.setdefault(entry["recipe"], recipe)
+        if recipe is not None:
+            recipes.setdefault(entry["recipe"], recipe)
         if entry.get("replayed"):
             entry.pop("replayed")
         else:
@@ -201,10 +210,11 @@ def run(plan: SearchPlan, folder: Path, executor, setup: FitnessSetup, replay: l
             while evaluations < settings.budget and not stop.requested:
                 genotypes = strategy.ask()
                 decoded = [genome.decode(x) for x in genotypes]
-                hashes = [recipe_hash(recipe) for recipe in decoded]
+                # a layer path outside the length limits decodes to None: not built, scored worst, counted
+                hashes = [None if recipe is None else recipe_hash(recipe) for recipe in decoded]
                 losses: list[float | None] = [None] * len(genotypes)
                 # which candidates are new, within what is left of the budget
-                fresh, seen, left = [], set(cache), settings.budget - evaluations
+                fresh, infeasible, seen, left = [], set(), set(cache), settings.budget - evaluations
                 replayed = 0
                 for i, key in enumerate(hashes):
                     if i < len(replay) and not fresh:
@@ -212,11 +222,14 @@ def run(plan: SearchPlan, folder: Path, executor, setup: FitnessSetup, replay: l
                         seen.add(key)
                         left -= 0 if replay[i].get("cached") else 1
                         continue
-                    if key not in seen:
-                        if len(fresh) == left:
+                    if key is None or key not in seen:
+                        if len(fresh) + len(infeasible) == left:
                             break
-                        fresh.append(i)
-                        seen.add(key)
+                        if key is None:
+                            infeasible.add(i)
+                        else:
+                            fresh.append(i)
+                            seen.add(key)
                 results = executor.map([decoded[i] for i in fresh]) if fresh else iter(())
                 for i, (x, recipe, key) in enumerate(zip(genotypes, decoded, hashes)):
                     if i < replayed:
@@ -228,8 +241,9 @@ def run(plan: SearchPlan, folder: Path, executor, setup: FitnessSetup, replay: l
                         entry["replayed"] = True
                         if not entry.get("cached"):
                             evaluations = max(evaluations, entry["evaluation"])
-                            cache.setdefault(key, entry)
-                    elif key in cache:
+                            if key is not None:
+                                cache.setdefault(key, entry)
+                    elif key is not None and key in cache:
                         hit = cache[key]
                         entry = {"candidate": len(entries) + 1, "generation": generation, "evaluation": evaluations,
                                  "genotype": x, "recipe": key, "fitness": hit["fitness"], "metrics": hit["metrics"],
@@ -240,6 +254,11 @@ def run(plan: SearchPlan, folder: Path, executor, setup: FitnessSetup, replay: l
                         entry = {"candidate": len(entries) + 1, "generation": generation, "evaluation": evaluations,
                                  "genotype": x, "recipe": key, **result, "cached": False}
                         cache[key] = entry
+                    elif i in infeasible:
+                        evaluations += 1
+                        entry = {"candidate": len(entries) + 1, "generation": generation, "evaluation": evaluations,
+                                 "genotype": x, "recipe": None, "fitness": None, "metrics": [], "seconds": 0.0,
+                                 "cached": False, "infeasible": True}
                     else:
                         break  # past the budget: the last generation is cut short
                     append(entry, recipe)

@@ -112,6 +112,9 @@ def parse_search(project, method, registry) -> SearchSettings:
         if key not in KEYS:
             raise MixcliError(f"{where}: unknown key '{key}'{closest(key, KEYS)}")
     space = _choice(table, "space", "parameters", SPACES, where)
+    if space == "both":
+        raise MixcliError(f"{where} space = \"both\" is not available yet: search the parameters, then search "
+                          "layers over the best model (its model/ folder) and the sources in a second project")
     if "budget" not in table:
         raise MixcliError(f"{where} budget is missing; give the most fitness evaluations the search may "
                           "use, e.g. budget = 100")

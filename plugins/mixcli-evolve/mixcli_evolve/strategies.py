@@ -9,7 +9,8 @@ from mixcli import SearchStrategy
 
 class CmaesStrategy:
     """One generation at a time over a ``cmaes`` optimiser. With on/off genes (``binary``) it is
-    CMA-ES with margin: those genes are asked as 0 or 1 and the rest stay continuous."""
+    CMA-ES with margin: those genes are asked as -1 (off) or 1 (on), in bounds [-1, 1], and the
+    rest stay continuous."""
 
     def __init__(self, x0, sigma0: float, popsize: int, seed: int, binary=(), separable: bool = False):
         import numpy as np
@@ -23,9 +24,9 @@ class CmaesStrategy:
             bounds = np.tile([-np.inf, np.inf], (len(mean), 1))
             steps = np.zeros(len(mean))
             for index in binary:
-                bounds[index] = [0.0, 1.0]
-                steps[index] = 1.0
-                mean[index] = min(max(mean[index], 0.0), 1.0)
+                bounds[index] = [-1.0, 1.0]
+                steps[index] = 2.0
+                mean[index] = min(max(mean[index], -1.0), 1.0)
             self._optimizer = CMAwM(mean=mean, sigma=sigma0, bounds=bounds, steps=steps, seed=seed,
                                     population_size=popsize)
         else:
