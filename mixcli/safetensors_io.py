@@ -16,6 +16,7 @@ import os
 import struct
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -29,6 +30,9 @@ FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER = 100 * 1024 * 1024
 PAGE = mmap.PAGESIZE
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else 0)
+# start address -> (length, weak reference to the map) of the input files mapped so far
+_INPUT_MAPS: dict[int, tuple[int, weakref.ref]] = {}
+_INPUT_MAPS_LOCK = threading.Lock()
 
 
 def torch_dtype(code: str):
@@ -140,6 +144,10 @@ class SafetensorsFile:
             return torch.empty(info.shape, dtype=dtype)
         self._populate(info)
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
+        address = flat.data_ptr() - info.begin
+        known = _INPUT_MAPS.get(address)
+        if known is None or known[1]() is not self._map:
+            _register(address, self._map)
         return flat.view(dtype).view(info.shape)
 
     def _populate(self, info: TensorInfo) -> None:
@@ -162,6 +170,39 @@ class SafetensorsFile:
         start_full = start if start == info.begin else start + PAGE  # keep a neighbour's page
         if end - start_full >= PAGE:
             self._map.madvise(mmap.MADV_DONTNEED, start_full, (end - start_full) // PAGE * PAGE)
+
+
+def release_pages(tensor) -> None:
+    """Let the pages of ``tensor`` go from this process's memory, if it is a view of an input
+    file as :meth:`SafetensorsFile.load` maps it (what merge methods are given); otherwise do
+    nothing. Values do not change: a page touched again is mapped back from the page cache
+    (a minor fault, no disk read while the cache holds the file). For methods that pass over
+    their inputs several times (iterations, one model after another): each pass then holds a
+    few pages of the inputs instead of all of them. Inputs are never written, so no page
+    holds a private copy that this would discard; only pages wholly inside ``tensor`` go."""
+    if not _INPUT_MAPS or not tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    with _INPUT_MAPS_LOCK:
+        maps = list(_INPUT_MAPS.items())
+    for address, (length, ref) in maps:
+        # a live map is where it was registered (``tensor`` holds it open); a dead one is skipped
+        mapped = ref()
+        if mapped is not None and not mapped.closed and address <= start and end <= address + length:
+            first = -(-(start - address) // PAGE) * PAGE
+            last = (end - address) // PAGE * PAGE
+            if last > first and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
+
+
+def _register(address: int, mapped: mmap.mmap) -> None:
+    # no weak reference callback: one may run from any allocation, this lock held or not
+    with _INPUT_MAPS_LOCK:
+        for old in [a for a, (_, ref) in _INPUT_MAPS.items() if ref() is None]:
+            del _INPUT_MAPS[old]
+        _INPUT_MAPS[address] = (len(mapped), weakref.ref(mapped))
 
 
 def parse_size(text: str | int, where: str) -> int:

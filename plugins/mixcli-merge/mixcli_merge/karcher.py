@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from mixcli import MergeMethod, MixcliError, param
+from mixcli.safetensors_io import release_pages
 
 from ._torch import torch
 from .sparsify import chunks
@@ -28,7 +29,9 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
     Norms are float32 (float64 for float64); the rest is in the input dtype, with mergekit
     0.1.5's operations. Unit vectors are rebuilt from the inputs when needed instead of held,
     in the first bytes of the float32 buffer the norms are taken from (a norm is only taken
-    while no unit vector is needed): one float32 buffer and the tangent are all that is held.
+    while no unit vector is needed), and for 16-bit inputs the tangent in its last bytes: one
+    float32 buffer is all that is held (with the tangent beside it for wider inputs), and the
+    pages of a memory-mapped input go again once a pass has read them.
     """
     if not tensors[0].is_floating_point():
         raise MixcliError("karcher needs floating-point tensors")
@@ -47,7 +50,12 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
             return torch.linalg.vector_norm(x)
         return torch.linalg.vector_norm(scratch.copy_(x))
 
-    norms = [_norm(x, norm_dtype) for x in flats]
+    for x in flats:  # mapped whole by the engine: from here on, at most one at a time
+        release_pages(x)
+    norms = []
+    for x in flats:
+        norms.append(_norm(x, norm_dtype))
+        release_pages(x)
     valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0]) if out is None else out.zero_()
@@ -58,6 +66,7 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
         x, norm = flats[i], norms[i]
         for a, b in chunks(x.numel()):
             unit[a:b] = x[a:b] / norm
+            release_pages(x[a:b])
         return unit
 
     mean = torch.zeros_like(flats[0]) if out is None else out.view(-1).zero_()  # the result's storage
@@ -70,7 +79,9 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
         mean.copy_(load_unit(valid[0]))
     else:
         _scale(mean, mean_norm, divide=True)
-    tangent = torch.empty_like(mean)
+    size = mean.numel()
+    halves = scratch.element_size() == 2 * mean.element_size()  # 16-bit inputs: the tangent fits too
+    tangent = scratch.view(mean.dtype)[size:] if halves else torch.empty_like(mean)
     for _ in range(max_iter):
         tangent.zero_()
         for beta, i in zip(betas, valid):
@@ -82,12 +93,16 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
             step = beta * (theta / torch.sin(theta))
             for a, b in chunks(mean.numel()):
                 tangent[a:b] += step * (unit[a:b] - cos * mean[a:b])
-        tangent_norm = _norm(tangent, norm_dtype)
+        # the tangent converted whole to the norm dtype: in place, over the whole buffer
+        direction = _widen(scratch, tangent) if halves else tangent
+        tangent_norm = _norm(direction, norm_dtype)
         if tangent_norm.item() < tol:
             break
         cos_step, sin_step = torch.cos(tangent_norm), torch.sin(tangent_norm)
-        for a, b in chunks(mean.numel()):
-            mean[a:b] = cos_step * mean[a:b] + sin_step * (tangent[a:b] / tangent_norm)
+        for a, b in chunks(size):
+            # a 16-bit tensor over a float scalar divides in float and rounds once: as here
+            towards = (direction[a:b] / tangent_norm).to(mean.dtype)
+            mean[a:b] = cos_step * mean[a:b] + sin_step * towards
         unit_norm = _norm(mean, norm_dtype)
         if unit_norm.item() > tol:
             _scale(mean, unit_norm, divide=True)
@@ -95,6 +110,15 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
     scale = sum(alpha * norm for norm in norms)
     _scale(mean, scale)
     return mean.view(tensors[0].shape) if out is None else out
+
+
+def _widen(buffer, upper):
+    """``upper``, the 16-bit second half of ``buffer``'s bytes, converted to ``buffer``'s
+    dtype over the whole of ``buffer``, front to back: a chunk's wide bytes end before the
+    16-bit entries not yet read (``4b ≤ 2N + 2b`` for entry ``b ≤ N``)."""
+    for a, b in chunks(upper.numel()):
+        buffer[a:b] = upper[a:b].to(buffer.dtype)  # a copy first: the two ranges may overlap
+    return buffer
 
 
 def _scale(x, factor, divide=False):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from mixcli import MergeMethod, MixcliError, param
+from mixcli.safetensors_io import release_pages
 
 from ._torch import torch
 from .sparsify import chunks
@@ -27,7 +28,8 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
     largest variance across the models. ``m_i`` marks entries whose sign matches the sign of
     ``Σ_i τ_i`` (+ for 0). ``w_i = mean(τ_i²) / Σ_j mean(τ_j²)``, or ``1/n`` when that sum is
     below 1e-6 (mergekit's absolute threshold, kept for parity). Works in the input dtype with
-    mergekit 0.1.5's operations, chunk by chunk; task vectors are never held whole.
+    mergekit 0.1.5's operations, chunk by chunk; task vectors are never held whole, and the
+    pages of memory-mapped inputs go again once a pass has read them.
     """
     if base is None:
         raise MixcliError("sce needs a base model")
@@ -45,15 +47,7 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
         part = torch.stack([x[a:b] - flat_base[a:b] for x in flats], dim=0)
         return part if mask is None else part * mask[a:b]
 
-    # the mean squares are whole-row reductions (chunked sums round differently): the squares
-    # are held whole, once, the task vectors never. torch takes a 16-bit mean as a float32 sum
-    # of a float32 copy, divided, rounded back: the squares go straight into that float32 copy
-    wide = dtype in (torch.bfloat16, torch.float16)
-    squares = torch.empty(n, size, dtype=torch.float32 if wide else dtype)
-    for a, b in chunks(size):
-        squares[:, a:b] = torch.square(deltas(a, b))
-    means = squares.sum(dim=1).div_(size).to(dtype) if wide else squares.mean(dim=1)
-    del squares
+    means = _mean_squares(flats, flat_base, mask)
     total = torch.sum(means).item()
     if abs(total) < _EQUAL_WEIGHTS_BELOW:
         weights = torch.ones_like(means) / means.shape[0]
@@ -69,7 +63,46 @@ def sce(tensors, base, *, select_topk=1.0, int8_mask=False, out=None):
         erased = column * (part.sign().to(mask_dtype) == elected)
         merged = (part * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
         torch.add(flat_base[a:b], merged, out=flat_out[a:b])
+        for x in (flat_base, *flats):
+            release_pages(x[a:b])
     return out
+
+
+ROW_BY_ROW_ABOVE = 1 << 16  # entries: larger tensors take their mean squares one model at a time
+
+
+def _mean_squares(flats, flat_base, mask):
+    """``mean(τ_i²)`` per model, rounded as mergekit's ``stack(τ).square().mean(dim=1)``.
+
+    That is a whole-row reduction (a chunked sum rounds differently), so each row of squares is
+    held whole, but one model at a time: the sum of the ``[n, N]`` stack over its rows is that
+    of one row broadcast to ``n`` rows (stride 0: no copy), which torch reduces the same way,
+    row by row, whatever the thread count (a plain 1-D sum splits across threads instead).
+    Small tensors, where torch may lay the reduction out across rows, take the stack itself.
+    A 16-bit mean is torch's float32 sum of a float32 copy, divided, rounded back: the squares
+    go straight into that float32 row."""
+    dtype = flat_base.dtype
+    n, size = len(flats), flat_base.numel()
+    wide = dtype in (torch.bfloat16, torch.float16)
+    row_dtype = torch.float32 if wide else dtype
+
+    def squares(x, a, b):
+        part = x[a:b] - flat_base[a:b]
+        return torch.square(part if mask is None else part * mask[a:b])
+
+    if size <= ROW_BY_ROW_ABOVE:
+        rows = torch.stack([squares(x, 0, size).to(row_dtype) for x in flats])
+        return rows.sum(dim=1).div_(size).to(dtype) if wide else rows.mean(dim=1)
+    row = torch.empty(size, dtype=row_dtype)
+    means = []
+    for x in flats:
+        for a, b in chunks(size):
+            row[a:b] = squares(x, a, b)
+            release_pages(x[a:b])
+            release_pages(flat_base[a:b])
+        rows = row.view(1, size).expand(n, size)
+        means.append(rows.sum(dim=1)[0].div(size).to(dtype) if wide else rows.mean(dim=1)[0])
+    return torch.stack(means)
 
 
 def _variance_mask(flats, flat_base, select_topk: float, mask_dtype):

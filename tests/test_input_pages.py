@@ -1,0 +1,133 @@
+"""Letting the pages of memory-mapped inputs go (``release_pages``) while a method still uses
+them: values never change, only pages of an input map wholly inside the tensor go, anything
+else is left alone; karcher and sce over mapped inputs equal the same merges over copies, and
+their memory-saving paths equal whole-tensor references written from the spec (§2.3, §2.4 of
+merge-methods-more.md)."""
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mixcli.safetensors_io import SafetensorsFile, release_pages
+from mixcli_merge import karcher, sce
+from mixcli_merge.sce import ROW_BY_ROW_ABOVE
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
+
+
+def resident_bytes(tensor) -> int:
+    """Resident bytes of the mapping holding ``tensor`` (from /proc/self/smaps)."""
+    address = tensor.data_ptr()
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the tensor")
+
+
+def mapped(tmp_path, tensors: dict):
+    """``tensors`` saved to one safetensors file and loaded back as views of its map."""
+    path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.safetensors"
+    save_file(tensors, str(path))
+    file = SafetensorsFile(path)
+    return {name: file.load(file.tensors[name]) for name in tensors}
+
+
+def test_release_pages_drops_an_input_tensors_pages_and_keeps_its_values(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    # an odd-sized neighbour first: the big tensor starts inside a page it shares
+    original = {"a": torch.randn(333, generator=g), "big": torch.randn(4_000_000, generator=g).to(torch.bfloat16),
+                "c": torch.randn(77, generator=g)}
+    views = mapped(tmp_path, original)
+    big = views["big"]
+    assert float(big.float().sum()) == float(original["big"].float().sum())  # every page touched
+    before = resident_bytes(big)
+    release_pages(big)
+    after = resident_bytes(big)
+    assert before - after >= 7_900_000, (before, after)  # ~8 MB of the tensor's pages went
+    for name, tensor in original.items():  # values read back from the page cache, neighbours too
+        assert torch.equal(views[name], tensor), name
+    release_pages(big[1000:2_000_000])  # a slice: only the pages wholly inside it
+    assert torch.equal(big, original["big"]) and torch.equal(views["a"], original["a"])
+
+
+def test_release_pages_leaves_other_tensors_alone(tmp_path):
+    views = mapped(tmp_path, {"x": torch.randn(600_000)})
+    copies = [torch.randn(600_000), views["x"].clone(), torch.randn(700, 900).t()]  # t(): not contiguous
+    expected = [c.clone() for c in copies]
+    for tensor in copies:
+        release_pages(tensor)  # in anonymous memory the pages would come back as zeros
+    assert all(torch.equal(c, e) for c, e in zip(copies, expected))
+    release_pages(views["x"].view(600, 1000).t())  # a non-contiguous view of the map: nothing
+    release_pages(torch.empty(0))
+
+
+def karcher_reference(xs, max_iter=10, tol=1e-5):
+    """§2.3 with whole tensors: norms of the inputs converted whole to float32."""
+    wide = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    n = len(xs)
+    norms = [torch.linalg.vector_norm(x.reshape(-1).to(wide)) for x in xs]
+    units = [(x / norm).to(x.dtype) for x, norm in zip(xs, norms)]
+    valid = [i for i in range(n) if norms[i].item() > tol]
+    betas = [(1 / n) / sum(1 / n for _ in valid)] * len(valid)
+    mean = torch.zeros_like(xs[0])
+    for beta, i in zip(betas, valid):
+        mean += beta * units[i]
+    mean = (mean / torch.linalg.vector_norm(mean.to(wide))).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for beta, i in zip(betas, valid):
+            cos = torch.clamp(torch.dot(mean.reshape(-1), units[i].reshape(-1)), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta.item() >= tol:
+                tangent += beta * (theta / torch.sin(theta)) * (units[i] - cos * mean)
+        length = torch.linalg.vector_norm(tangent.to(wide))
+        if length.item() < tol:
+            break
+        mean = (torch.cos(length) * mean + torch.sin(length) * (tangent / length)).to(mean.dtype)
+        mean = (mean / torch.linalg.vector_norm(mean.to(wide))).to(mean.dtype)
+    return sum((1 / n) * norm for norm in norms) * mean  # Σ α_i n_i, α_i = 1/n
+
+
+def sce_reference(xs, base):
+    """§2.4 without selection, on the stacked task vectors."""
+    taus = torch.stack([x - base for x in xs])
+    total_sign = torch.where(taus.sum(dim=0) >= 0, 1.0, -1.0).to(base.dtype)
+    agree = (taus.sign() == total_sign).to(base.dtype)
+    squares = taus.square().reshape(len(xs), -1).mean(dim=1)
+    total = torch.sum(squares).item()
+    weights = torch.ones_like(squares) / len(xs) if abs(total) < 1e-6 else squares / total
+    weighted = weights.view(-1, 1, 1) * agree
+    return base + (taus * weighted).sum(dim=0) / torch.sum(weighted, dim=0).clamp(min=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_karcher_and_sce_over_mapped_inputs_equal_the_whole_tensor_references(tmp_path, dtype):
+    g = torch.Generator().manual_seed(1)
+    shape = (263, 251)  # above ROW_BY_ROW_ABOVE entries, not a multiple of a page
+    assert shape[0] * shape[1] > ROW_BY_ROW_ABOVE
+    base = torch.randn(shape, generator=g) * 0.02
+    models = {name: (base + torch.randn(shape, generator=g) * 0.003).to(dtype) for name in ("ft1", "ft2", "ft3")}
+    views = mapped(tmp_path, {"base": base.to(dtype), **models})
+    copies = {name: tensor.clone() for name, tensor in views.items()}
+    xs = [views[name] for name in models]
+    for threads in (1, 2):  # sce's row-by-row means must not depend on the thread count
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = torch.empty(shape, dtype=dtype)
+            assert torch.equal(karcher.karcher(xs, None, out=out), karcher_reference(list(copies.values())[1:]))
+            assert torch.equal(karcher.karcher(xs[:2], None, max_iter=3), karcher_reference(xs[:2], max_iter=3))
+            for n in (1, 2, 3):
+                want = sce_reference([copies[name] for name in list(models)[:n]], copies["base"])
+                assert torch.equal(sce.sce(xs[:n], views["base"], out=torch.empty(shape, dtype=dtype)), want), n
+        finally:
+            torch.set_num_threads(saved)
+    assert all(torch.equal(views[name], copies[name]) for name in views)  # inputs untouched
