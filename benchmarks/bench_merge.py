@@ -5,13 +5,16 @@ Builds (once, seeded) three Llama-layout models -- hidden 2048, intermediate 563
 500 MB shards -- then runs `mixcli merge` for linear, ties, dare_ties and slerp (``--only all``
 adds nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion, ram and ramplus_tl) with the
 page cache warm, printing wall seconds, peak RSS (heap and mapped file pages apart) and the
-input read rate.
+input read rate, and the 1-minute load average before and after the run (the machine may be
+shared: a load above the core count slows every row).
 
     python benchmarks/bench_merge.py [--root .bench] [--only linear,ties|all] [--workers N] [--repeat N]
                                      [--mergekit /path/to/mergekit-venv/bin]
 
 With ``--mergekit`` the same recipes (scalar parameters only) also run through that venv's
-``mergekit-yaml`` (default 5B shard, ``--no-copy-tokenizer``, as in the anchors), one row each.
+``mergekit-yaml`` (default 5B shard, ``--no-copy-tokenizer``, as in the anchors), one row each,
+on the same cores: mixcli runs one tensor per core (one torch thread each), mergekit one
+tensor at a time with torch's default thread count (every core).
 """
 
 from __future__ import annotations
@@ -196,6 +199,7 @@ def build(root: Path) -> None:
 def measure(command: list[str], cwd: Path) -> dict:
     """Run ``command``; wall time and peak RSS / anonymous / file-backed memory of the child."""
     peaks = {"rss": 0, "anon": 0, "file": 0}
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stop = threading.Event()
@@ -222,7 +226,7 @@ def measure(command: list[str], cwd: Path) -> dict:
     if status != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
     return {"wall_s": wall, "max_rss_mib": usage.ru_maxrss / 1024, "peak_anon_mib": peaks["anon"] / 2**20,
-            "peak_file_mib": peaks["file"] / 2**20}
+            "peak_file_mib": peaks["file"] / 2**20, "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -236,7 +240,9 @@ def main() -> None:
     root = args.root.absolute()
     build(root)
     inputs = {name: sum(f.stat().st_size for f in (root / name).glob("*.safetensors")) for name in ("base", "ft1", "ft2")}
-    print(f"{'method':<12} {'wall s':>8} {'max RSS MiB':>12} {'peak anon MiB':>14} {'peak file MiB':>14} {'input GB/s':>11}")
+    print(f"{os.cpu_count()} cores")
+    print(f"{'method':<12} {'wall s':>8} {'max RSS MiB':>12} {'peak anon MiB':>14} {'peak file MiB':>14} "
+          f"{'input GB/s':>11} {'load':>10}")
     for method in (list(RECIPES) if args.only == "all" else args.only.split(",")):
         recipe = RECIPES[method].format()
         project = root / f"{method}.toml"
@@ -244,13 +250,15 @@ def main() -> None:
         read = sum(size for name, size in inputs.items() if name in recipe)
         for _ in range(args.repeat):
             result = run_once(root, method, project, args.workers)
-            print(f"{method:<12} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
-                  f"{result['peak_file_mib']:>14.0f} {read / 1e9 / result['wall_s']:>11.2f}", flush=True)
+            print(row(method, result, read), flush=True)
             if args.mergekit:
-                result = run_mergekit(root, method, recipe, args.mergekit)
-                print(f"{'  mergekit':<12} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} "
-                      f"{result['peak_anon_mib']:>14.0f} {result['peak_file_mib']:>14.0f} "
-                      f"{read / 1e9 / result['wall_s']:>11.2f}", flush=True)
+                print(row("  mergekit", run_mergekit(root, method, recipe, args.mergekit), read), flush=True)
+
+
+def row(label: str, result: dict, read: int) -> str:
+    return (f"{label:<12} {result['wall_s']:>8.1f} {result['max_rss_mib']:>12.0f} {result['peak_anon_mib']:>14.0f} "
+            f"{result['peak_file_mib']:>14.0f} {read / 1e9 / result['wall_s']:>11.2f} "
+            f"{result['load_before']:>4.1f}-{result['load_after']:<4.1f}")
 
 
 def mergekit_recipe(recipe: str, root: Path) -> dict:
