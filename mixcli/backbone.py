@@ -91,9 +91,10 @@ def find_linears(model, filters=()) -> list[str]:
             if isinstance(module, nn.Linear) and (not filters or any(f in name for f in filters))]
 
 
-def meta_backbone(config: dict, where: str, auto_class: str = "AutoModel"):
-    """The model ``auto_class`` builds from ``config`` (a config.json dict), on the meta device:
-    structure and names, no memory."""
+def meta_backbone(config: dict, where: str, auto_class: str = "AutoModel", kwargs: dict | None = None):
+    """The model ``auto_class`` builds from ``config`` (a config.json dict) with the model
+    class's ``kwargs`` (e.g. ``add_pooling_layer=False``), on the meta device: structure and
+    names, no memory."""
     import torch
     import transformers
 
@@ -104,7 +105,7 @@ def meta_backbone(config: dict, where: str, auto_class: str = "AutoModel"):
     try:
         cfg = transformers.AutoConfig.for_model(model_type, **data)
         with torch.device("meta"):
-            return getattr(transformers, auto_class).from_config(cfg)
+            return getattr(transformers, auto_class).from_config(cfg, **(kwargs or {}))
     except Exception as error:
         raise MixcliError(f"{where}: transformers cannot build a model of type '{model_type}' "
                           f"({first_line(error)})") from None

@@ -163,6 +163,12 @@ def load_model(auto_class: str, model_path: Path, **kwargs):
 
     config = check_model_folder(model_path)
     model_type = config["model_type"]
+    if auto_class == "AutoModel" and any(model_path.glob("*.safetensors")):
+        from .checkpoint import open_safetensors
+        from .features import pooler_kwargs
+
+        # a backbone saved without its pooler is loaded without one, not with a random one
+        kwargs = {**pooler_kwargs(config, open_safetensors(model_path, str(model_path))), **kwargs}
     if model_type not in transformers.CONFIG_MAPPING:
         if config.get("auto_map"):
             raise MixcliError(f"{model_path}: model type '{model_type}' needs the Python code shipped with the "

@@ -153,21 +153,34 @@ def eval_cli(*args):
     return result
 
 
-def test_classification_refuses_a_vit_saved_without_its_pooler(tmp_path):
+def test_classification_of_a_vit_saved_without_its_pooler_reads_the_first_token(tmp_path):
     config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "nopool")
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(tmp_path / "nopool")
     task = vit_task(tmp_path / "task")
+    # a head on the first token: class 2 where its first feature is positive, else class 0
+    weight = torch.zeros(3, 16)
+    weight[2, 0] = 1.0
+    images = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first = model(pixel_values=images).last_hidden_state[:, 0, 0]
+    labels = [2] * 3 + [0] * 3
+    expected = sum((2 if f > 0 else 0) == y for f, y in zip(first.tolist(), labels)) / 6
+    save_file({"weight": weight, "bias": torch.zeros(3)}, task / "head.safetensors")
+    (task / "test.jsonl").write_text("".join(json.dumps({"pixel_values": x.flatten().tolist(), "label": y}) + "\n"
+                                             for x, y in zip(images, labels)))
+    assert 0 < expected < 1
+    assert evaluate("classification", tmp_path / "nopool", tasks=[str(task)]) == {"task": expected, "mean": expected}
+    # a task that names the pooler output cannot be read from it: one line, nothing written
+    (task / "task.json").write_text(json.dumps({"task": "task", "data": "test.jsonl", "feature": "pooler_output"}))
     result = eval_cli(tmp_path / "nopool", "--evaluator", "classification", "--param", f'tasks=["{task}"]')
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"Error: {tmp_path / 'nopool'}: 2 weight(s) of ViTModel are not in the saved model and would be "
-        "randomly initialised (pooler.dense.bias, pooler.dense.weight); it was saved without its pooler "
-        "(add_pooling_layer=False) but the heads read the pooler output: save the backbone with its pooler")
+        "Error: classification: task 'task': the task reads the pooler output (\"feature\": \"pooler_output\" in "
+        "task.json), but the backbone has no pooler; set \"feature\" to \"cls\" or \"mean\"")
     assert not (tmp_path / "nopool.eval.json").exists()
-    # the same backbone with its pooler is scored
-    transformers.ViTModel(config).save_pretrained(tmp_path / "pooled")
-    assert evaluate("classification", tmp_path / "pooled", tasks=[str(task)]) == {"task": 1.0, "mean": 1.0}
 
 
 def test_eval_of_what_is_not_a_loadable_model_is_one_line(tmp_path, uniform_llama):

@@ -5,9 +5,11 @@ task keeps the classification head of its expert. A task is a folder (usually th
 itself) holding ``head.safetensors`` (``weight`` [labels, hidden], ``bias``) and
 ``task.json`` (``{"task": name, "data": file}`` or ``{"data": {"test": file, "validation": file,
 ...}}``, paths relative to the folder; ``split`` picks the entry, "test" by default); the data
-has a ``pixel_values`` column (flat or shaped) and a ``label`` (or ``labels``) column. Every
-model compared
-on a task, the base included, is read through that same head.
+has a ``pixel_values`` column (flat or shaped) and a ``label`` (or ``labels``) column;
+``"feature"`` names what the head reads (:mod:`mixcli.features`: ``pooler_output``, ``cls`` or
+``mean``; by default the pooler output where the backbone has a pooler, else the first token).
+Every model compared on a task, the base included, is read through that same head. A backbone
+saved without its pooler (``add_pooling_layer=False``) is loaded without one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixcli import Evaluator, MixcliError, param
+from mixcli.features import task_feature
 
 
 @dataclass
@@ -47,8 +50,8 @@ def task_folders(context) -> list[Path]:
 
 
 def read_task(folder: Path, max_samples: int, split: str = "test"):
-    """(name, head weight, head bias, images, labels) of the ``split`` data of the task stored
-    in ``folder``."""
+    """(name, head weight, head bias, images, labels, feature) of the ``split`` data of the task
+    stored in ``folder``."""
     import torch
     from safetensors.torch import load_file
 
@@ -61,6 +64,7 @@ def read_task(folder: Path, max_samples: int, split: str = "test"):
     if not isinstance(info, dict):
         raise MixcliError(f"classification: {folder / 'task.json'} must hold a JSON object")
     where = f"classification: task '{info.get('task', folder.name)}'"
+    feature = task_feature(info, folder / "task.json", where)
     try:
         head = load_file(folder / "head.safetensors")
     except Exception as error:  # safetensors raises its own error type for a damaged file
@@ -87,20 +91,20 @@ def read_task(folder: Path, max_samples: int, split: str = "test"):
     batch = rows.with_format("torch")[:]
     images = batch["pixel_values"].to(torch.float32)
     labels = batch[label].to(torch.long)
-    return info.get("task", folder.name), head["weight"], head["bias"], images, labels
+    return info.get("task", folder.name), head["weight"], head["bias"], images, labels, feature
 
 
 def evaluate(context) -> dict:
     from mixcli_eval.metrics import classification_accuracy
 
     p = context.params
-    backbone = context.load_model("AutoModel")
+    tasks = [read_task(folder, p["max_samples"], p["split"]) for folder in task_folders(context)]
+    backbone = context.load_model("AutoModel")  # without a pooler where it was saved without one
     config = backbone.config
     shape = (getattr(config, "num_channels", 1), getattr(config, "image_size", 8), getattr(config, "image_size", 8))
     scores = {}
-    tasks = [read_task(folder, p["max_samples"], p["split"]) for folder in task_folders(context)]
     with context.progress(sum(len(task[4]) for task in tasks), "images") as bar:
-        for name, weight, bias, images, labels in tasks:
+        for name, weight, bias, images, labels, feature in tasks:
             hidden = getattr(config, "hidden_size", weight.shape[-1])
             if weight.dim() != 2 or weight.shape[1] != hidden or bias.shape != weight.shape[:1]:
                 raise MixcliError(f"classification: task '{name}': head weight {list(weight.shape)} and bias "
@@ -109,8 +113,9 @@ def evaluate(context) -> dict:
                 raise MixcliError(f"classification: task '{name}': images have {images[0].numel()} values, the "
                                   f"model takes {shape[0]}x{shape[1]}x{shape[2]}")
             images = images.reshape(len(images), *shape)
-            scores[name] = classification_accuracy(backbone, weight, bias, images, labels,
-                                                   batch_size=p["batch_size"], advance=bar.advance)
+            scores[name] = classification_accuracy(backbone, weight, bias, images, labels, batch_size=p["batch_size"],
+                                                   advance=bar.advance, feature=feature,
+                                                   where=f"classification: task '{name}'")
     scores["mean"] = sum(scores.values()) / len(scores)
     return scores
 

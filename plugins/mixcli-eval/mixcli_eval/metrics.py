@@ -8,14 +8,6 @@ from typing import Callable, Sequence
 import torch
 
 
-def _features(backbone, pixel_values: torch.Tensor) -> torch.Tensor:
-    # The feature fed to per-task heads is the pooler output (dense+tanh over [CLS]);
-    # backbones saved without a pooler fall back to the raw [CLS] hidden state.
-    out = backbone(pixel_values=pixel_values)
-    pooled = getattr(out, "pooler_output", None)
-    return pooled if pooled is not None else out.last_hidden_state[:, 0]
-
-
 @torch.no_grad()
 def classification_accuracy(
     backbone,
@@ -25,9 +17,15 @@ def classification_accuracy(
     labels: torch.Tensor,
     batch_size: int = 256,
     advance: Callable[[int], None] | None = None,
+    feature: str | None = None,
+    where: str = "classification",
 ) -> float:
-    """Accuracy of ``features(backbone(x)) @ head_weight.T + head_bias`` on ``labels``;
-    ``advance(n)`` is called after each batch of ``n`` images (a progress bar's)."""
+    """Accuracy of ``features(backbone(x)) @ head_weight.T + head_bias`` on ``labels``, the
+    features named by ``feature`` (:func:`mixcli.features.head_features`; None: the pooler
+    output where the backbone has one, else the first token); ``advance(n)`` is called after
+    each batch of ``n`` images (a progress bar's)."""
+    from mixcli.features import head_features
+
     was_training = backbone.training
     backbone.eval()
     param = next(backbone.parameters())
@@ -36,7 +34,7 @@ def classification_accuracy(
     correct = 0
     for i in range(0, len(labels), batch_size):
         x = pixel_values[i : i + batch_size].to(param.device, param.dtype)
-        logits = _features(backbone, x).float() @ w.T + b
+        logits = head_features(backbone(pixel_values=x), feature, where=where).float() @ w.T + b
         correct += (logits.argmax(-1).cpu() == labels[i : i + batch_size].cpu()).sum().item()
         if advance is not None:
             advance(len(x))

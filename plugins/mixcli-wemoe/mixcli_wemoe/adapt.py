@@ -298,6 +298,8 @@ def attach(plan, context) -> None:
 
 def check_tasks(context, opts: dict, where: str) -> None:
     """Every adapted task has a head, a task.json and its data file (before any tensor is written)."""
+    from mixcli.features import task_feature
+
     from .tasks import data_path, task_files
 
     experts = [name for name in context.models if name != context.project.base]
@@ -310,6 +312,7 @@ def check_tasks(context, opts: dict, where: str) -> None:
                               f"(experts: {', '.join(experts)})")
         folder = Path(context.models[name].path)
         info, _ = task_files(name, folder, where)
+        task_feature(info, folder / "task.json", f"{where}: task '{name}'")
         data_path(name, info, folder, split, where)
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 from mixcli import MixcliError
 from mixcli.architecture import check_layer_count
 from mixcli.backbone import checkpoint_names, find_blocks, meta_backbone, renamer
+from mixcli.features import pooler_kwargs
 from mixcli.plan import OutputPlan, OutputTensor
 
 from . import __version__
@@ -80,7 +81,9 @@ def plan(context, spec: Spec) -> OutputPlan:
     for name, ckpt in context.models.items():
         check_layer_count(ckpt, project.models[name].where)
     base_cfg = dict(base.config)
-    backbone = meta_backbone(base_cfg, f"{project.models[project.base].where}")
+    # a base saved without its pooler (add_pooling_layer=False) is rebuilt without one
+    backbone_kwargs = pooler_kwargs(base_cfg, base.tensors)
+    backbone = meta_backbone(base_cfg, f"{project.models[project.base].where}", kwargs=backbone_kwargs)
     blocks = find_blocks(backbone, spec.kinds, tuple(p.get("modules") or ()))
     if not blocks:
         what = " and ".join(spec.kinds)
@@ -143,7 +146,8 @@ def plan(context, spec: Spec) -> OutputPlan:
             return cast(torch.stack(out))
         add(f"backbone.{path}.delta_{attr}", (len(experts), *shape), deltas, key, {"merge": "task_vectors"})
 
-    config = {"backbone_config": base_cfg, "method": spec.method, "num_experts": len(experts),
+    config = {"backbone_config": base_cfg, "backbone_kwargs": backbone_kwargs, "method": spec.method,
+              "num_experts": len(experts),
               "expert_names": experts, "blocks": [vars(b) for b in blocks],
               "router_hidden_layers": p["router_hidden_layers"], "init_lambda": lam, "shared_lambda": shared,
               "batch_reduce": p.get("batch_reduce", False), "expert_kind": spec.expert_kind,

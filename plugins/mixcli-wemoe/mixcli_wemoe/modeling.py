@@ -32,8 +32,10 @@ class WEMoEConfig(transformers.PretrainedConfig):
                  router_hidden_size: int = 0, router_input: str = "hidden", init_lambda: float = 0.3,
                  shared_lambda: float | None = None, batch_reduce: bool = False, shared_gate: bool = False,
                  position_encoding: bool = False, position_encoding_dim: int = 8, expert_kind: str = "dense",
-                 rank_k: int = 0, select_k: int = -1, mixcli: dict | None = None, **kwargs):
+                 rank_k: int = 0, select_k: int = -1, mixcli: dict | None = None,
+                 backbone_kwargs: dict | None = None, **kwargs):
         self.backbone_config = backbone_config or {}
+        self.backbone_kwargs = dict(backbone_kwargs or {})  # e.g. add_pooling_layer=False
         self.method, self.num_experts = method, num_experts
         self.expert_names = list(expert_names or [])
         self.blocks = list(blocks or [])  # [{"name", "kind", "entries", "others", "layer"}]
@@ -69,7 +71,7 @@ class WEMoEModel(transformers.PreTrainedModel):
     def __init__(self, config: WEMoEConfig):
         super().__init__(config)
         inner = backbone_config(config)
-        self.backbone = transformers.AutoModel.from_config(inner)
+        self.backbone = transformers.AutoModel.from_config(inner, **config.backbone_kwargs)
         self.main_input_name = getattr(self.backbone, "main_input_name", "pixel_values")
         self.routing = RoutingState(config.batch_reduce)
         k = config.num_components

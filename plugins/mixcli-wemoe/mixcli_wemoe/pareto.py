@@ -104,13 +104,13 @@ def train_pwe(model, tasks: list, opts: dict, seed: int, where: str, log=print, 
                 g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
                 grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
                                         for x, p in zip(g, params)]))
-            a, move = epo_weights(np.array([float(v) for v in losses]), torch.stack(grads).cpu().double().numpy(),
+            a, move = epo_weights(np.array([float(v.detach()) for v in losses]), torch.stack(grads).cpu().double().numpy(),
                                   weights.cpu().double().numpy())
             moves[move] = moves.get(move, 0) + 1
             total = len(losses) * sum(float(w) * loss for w, loss in zip(a, losses))
         else:
             total = sum(w * loss for w, loss in zip(weights, losses))
-        values = [float(v) for v in losses]
+        values = [float(v.detach()) for v in losses]
         return Step(total, {"loss": sum(values), **{("task", t.name): v for t, v in zip(tasks, values)}})
 
     try:

@@ -4,6 +4,8 @@ table of splits (``{"train": ..., "test": ...}``). Data files are read with `dat
 (json/jsonl/csv/parquet/arrow or a ``save_to_disk`` folder; columns ``pixel_values`` or
 ``input_ids``, and ``label``/``labels`` when present) or are safetensors files holding those
 tensors. Labels are only ever used for monitoring and for PWE-MoE's supervised training.
+``"feature"`` names what the head reads (:mod:`mixcli.features`: ``pooler_output``, ``cls``
+or ``mean``; by default the pooler output where the backbone has a pooler, else ``cls``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from mixcli import MixcliError
 from mixcli.datafiles import load_rows
 from mixcli.errors import first_line
-
+from mixcli.features import head_features, task_feature
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Task:
     labels: object | None
     split: str
     data_path: str
-    feature: str = "pooler_output"
+    feature: str | None = None  # mixcli.features: None = the pooler output, else the first token
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -139,6 +141,7 @@ def read_task(name: str, folder: Path, split: str, config: dict, where: str, max
     import torch
 
     info, head_path = task_files(name, Path(folder), where)
+    feature = task_feature(info, Path(folder) / "task.json", f"{where}: task '{name}'")
     path = data_path(name, info, Path(folder), split, where)
     columns = _columns(path, name, where)
     head = _safetensors(head_path, name, where)
@@ -162,25 +165,11 @@ def read_task(name: str, folder: Path, split: str, config: dict, where: str, max
     labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
     _check(name, path, head_path, head, inputs, labels, config, where)
     return Task(name, str(info.get("task", name)), head["weight"].float(), head["bias"].float(), inputs,
-                labels, split, str(path), str(info.get("feature", "pooler_output")))
-
-
-def features(output, feature: str = "pooler_output", mask=None):
-    """The vector a head reads from a backbone output."""
-    pooled = getattr(output, "pooler_output", None)
-    if feature == "pooler_output" and pooled is not None:
-        return pooled
-    hidden = output.last_hidden_state
-    if feature == "mean":
-        if mask is None:
-            return hidden.mean(1)
-        m = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    return hidden[:, 0]
+                labels, split, str(path), feature)
 
 
 def logits(model, task: Task, batch: dict, device) -> object:
     batch = {k: v.to(device) for k, v in batch.items()}
     out = model(**batch)
-    f = features(out, task.feature, batch.get("attention_mask")).float()
+    f = head_features(out, task.feature, batch.get("attention_mask"), f"task '{task.name}'").float()
     return f @ task.weight.to(device).T + task.bias.to(device)
