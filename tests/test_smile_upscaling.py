@@ -2,6 +2,7 @@
 transformers' Auto classes: the spec's invariants, save/load, the parameter-count formula
 (with the spec's CLIP ViT-B/32 and Mistral-7B figures, on the meta device) and one-line errors."""
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -151,6 +152,14 @@ def test_routing_picks_the_expert_whose_subspace_the_input_lies_in(k):
         torch.testing.assert_close(layer(x), x @ weights[i].T + biases[i], rtol=1e-5, atol=1e-5)
 
 
+def test_without_routing_use_diff_the_router_reads_the_fine_tuned_weights_subspace():
+    w0, b0, weights, _, _ = orthogonal_experts()
+    gate, u, svh = task_factors(w0, weights[1], 4, 3, routing_use_diff=False)
+    _, _, vh = torch.linalg.svd(weights[1].double())
+    torch.testing.assert_close(gate.double().T @ gate.double(), vh[:4].T @ vh[:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(u @ svh, weights[1] - w0, atol=1e-5, rtol=1e-5)  # experts: still the task vector
+
+
 def test_routing_weights_one_expert_uniform_top_k_and_full_gate():
     w0, b0, weights, biases, _ = orthogonal_experts()
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(2))
@@ -223,6 +232,10 @@ def test_save_load_round_trip_through_auto_classes_without_the_sources(llama_fam
         config = json.loads((out / "config.json").read_text())
         assert config["model_type"] == f"smile_{json.loads((models['base'] / 'config.json').read_text())['model_type']}"
         assert config["num_local_experts"] == len(models) - 1
+        for model, folder_in in models.items():  # the inputs' weight files, hashed here
+            files = sorted(Path(folder_in).glob("*.safetensors"))
+            assert config["mixcli"]["inputs"][model]["sha256"] == {
+                f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def test_parameter_count_formula_matches_the_plan_the_evaluator_and_the_model(vits, tmp_path):

@@ -12,6 +12,7 @@ from mixcli import MixcliError
 from mixcli.architecture import check_layer_count
 from mixcli.backbone import checkpoint_names, renamer
 from mixcli.plan import OutputPlan, OutputTensor
+from mixcli.provenance import record_input_hashes
 from mixcli.svd import SVDCache, drop_negligible
 
 from .smile_upscaling import SVD_INPUTS, _check, describe_model, extra_parameters, linear_shapes
@@ -195,10 +196,11 @@ def plan(context) -> OutputPlan:
 
     fields = {"num_local_experts": n, "num_experts_per_tok": p["top_k"], "rank_of_router": gate_k,
               "rank_of_expert": k if k > 0 else -1, "smile_modules": list(linears)}
+    # sha256 is filled in once the output is written (finalize): planning reads no weight
     provenance = {"format": "mixcli-smile/1", "plugin_version": __version__, "method": "smile_upscaling",
-                  "parameters": dict(p), "experts": experts,
-                  "inputs": {name: {"path": str(ckpt.path), "role": "base" if name == project.base else "expert"}
-                             for name, ckpt in context.models.items()}}
+                  "parameters": dict(p), "experts": experts, "seed": context.seed,
+                  "inputs": {name: {"path": str(ckpt.path), "role": "base" if name == project.base else "expert",
+                                    "sha256": None} for name, ckpt in context.models.items()}}
     data = {key: value for key, value in base_cfg.items() if key not in ("model_type", "architectures")}
     smile_config = config_class(**fields, mixcli=provenance, **data)
     with torch.device("meta"):
@@ -218,7 +220,9 @@ def plan(context) -> OutputPlan:
     notes = [f"SMILE: {len(linears)} Linears upscaled, {n} experts (gate_k {gate_k}, k "
              f"{k if k > 0 else 'dense'}, top_k {p['top_k']}); parameters {total:,} = pretrained {pretrained:,} + "
              f"routers {router:,} + experts {expert:,} ({total / pretrained:.2f}x the pretrained model)"]
-    result = OutputPlan(config=out, tensors=tensors, donor=base, notes=notes)
+    folders = {name: ckpt.path for name, ckpt in context.models.items()}
+    result = OutputPlan(config=out, tensors=tensors, donor=base, notes=notes,
+                        finalize=lambda folder: record_input_hashes(folder, folders))
     plan_warnings = result.warnings
     return result
 

@@ -198,7 +198,7 @@ def prune_routers(model) -> dict | None:
 def finish(folder: Path, record: dict) -> None:
     """The adaptation's record into the ``config.json`` written in ``folder`` (``mixcli.adapt``),
     its loss curve and per-step log beside it."""
-    from .construction import update_config
+    from mixcli.provenance import update_config
 
     record = dict(record)
     history = record.pop("history", None)
@@ -248,7 +248,7 @@ def adapted_plan(plan, model, record: dict, folders: dict):
     and the record are added when it is written."""
     import dataclasses
 
-    from .construction import record_input_hashes
+    from mixcli.provenance import record_input_hashes
 
     state = model.state_dict()
     tensors = [dataclasses.replace(t, compute=_Value(state[t.name], t.dtype), reads=[], fill=None)

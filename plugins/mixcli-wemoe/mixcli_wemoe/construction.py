@@ -7,10 +7,8 @@ initialised from the project seed. Nothing is read before the engine writes a te
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from mixcli import MixcliError
@@ -18,6 +16,7 @@ from mixcli.architecture import check_layer_count
 from mixcli.backbone import checkpoint_names, find_blocks, meta_backbone, renamer
 from mixcli.features import pooler_kwargs
 from mixcli.plan import OutputPlan, OutputTensor
+from mixcli.provenance import record_input_hashes
 
 from . import __version__
 
@@ -37,17 +36,6 @@ class Spec:
     # (linear path, attr, base tensor, expert tensors) -> {suffix: (shape, compute)}; None = dense
     experts: Callable | None = None
     delta: Callable | None = None  # transform of one dense task-vector tensor (pruning)
-
-
-def sha256_files(path: Path) -> dict[str, str]:
-    hashes = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        hashes[file.name] = digest.hexdigest()
-    return hashes
 
 
 def init_router(router, seed: int, index: int, std: float, lam: float) -> None:
@@ -184,26 +172,6 @@ def plan(context, spec: Spec) -> OutputPlan:
     folders = {name: ckpt.path for name, ckpt in context.models.items()}
     return OutputPlan(config=out, tensors=tensors, donor=base, notes=notes,
                       finalize=lambda folder: record_input_hashes(folder, folders))
-
-
-def update_config(folder: Path, change: Callable[[dict], None]) -> None:
-    """Apply ``change`` to the ``config.json`` the engine wrote into ``folder``."""
-    import json
-
-    path = Path(folder) / "config.json"
-    config = json.loads(path.read_text())
-    change(config)
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def record_input_hashes(folder: Path, folders: dict) -> None:
-    """The sha256 of every input's safetensors files, into the written config."""
-    hashes = {name: sha256_files(path) for name, path in folders.items()}
-
-    def change(config):
-        for name, entry in config["mixcli"]["inputs"].items():
-            entry["sha256"] = hashes[name]
-    update_config(folder, change)
 
 
 def _dtype(code_or_dtype):
