@@ -82,18 +82,18 @@ def test_tiny_vision_demo_merges_land_between_the_base_and_the_experts(tmp_path)
 
     zoo = tmp_path / "zoo"
     result = CliRunner().invoke(cli, ["demo", "--root", str(zoo), "--size", "tiny",
-                                      "--families", "vision", "--only", "vision-average,vision-ties"])
+                                      "--families", "vision", "--only", "vision-average,vision-ties,vision-tsv_merge"])
     assert result.exit_code == 0, result.output
     assert "\r" not in result.output  # a log, not a terminal: plain lines only
     rows = json.loads((zoo / "demo" / "results.json").read_text())["vision"]
-    assert set(rows) == {"base", "individual experts", "average", "ties"}
+    assert set(rows) == {"base", "individual experts", "average", "ties", "tsv_merge"}
     base, experts = rows["base"], rows["individual experts"]
     tasks = [t for t in base if t != "mean"]
     assert len(tasks) == 6
     # seed 0 (margins measured: the smallest expert gain is 0.10, merges sit 0.07 above the base
     # and 0.21 below the experts): an unmerged, garbled or single-model output falls outside
     assert all(experts[t] > base[t] + 0.05 for t in tasks)
-    for merge in ("average", "ties"):
+    for merge in ("average", "ties", "tsv_merge"):
         assert base["mean"] + 0.03 < rows[merge]["mean"] < experts["mean"] - 0.1, (merge, rows[merge])
     # the average row is the experts' average: weights and scores of one computed here
     manifest = json.loads((zoo / "vision" / "manifest.json").read_text())
@@ -130,7 +130,9 @@ def test_tiny_vision_demo_merges_land_between_the_base_and_the_experts(tmp_path)
     assert (zoo / "demo" / "out" / "vision-ties" / "model.safetensors").is_file()
     # every vision demo project (WE-MoE family included) passes `mixcli validate` on this zoo
     assert_every_demo_project_validates("vision", tmp_path, {"vision-we_moe", "vision-sparse_we_moe",
-                                                             "vision-rank_one_moe"})
+                                                             "vision-rank_one_moe", "vision-tsv_merge",
+                                                             "vision-iso_c", "vision-iso_cts",
+                                                             "vision-singular_projection_merging"})
 
 
 def test_tiny_language_demo_moe_keeps_most_of_the_experts_and_every_project_validates(tmp_path):
@@ -163,7 +165,9 @@ def test_tiny_language_demo_moe_keeps_most_of_the_experts_and_every_project_vali
     score = evaluate(expert, evaluator, {"tasks": {"rev": on_validation["tasks"]["rev"]}})["rev"]
     assert round(score * n_validation, 6) == round(score * n_validation)
     assert_every_demo_project_validates("language", tmp_path, {"language-moe", "language-moe_mlp",
-                                                               "language-ties"})
+                                                               "language-ties", "language-tsv_merge",
+                                                               "language-iso_c", "language-iso_cts",
+                                                               "language-singular_projection_merging"})
 
 
 def test_language_zoo_prompts_have_no_unknown_tokens_and_tasks_keep_their_characters():
