@@ -224,3 +224,22 @@ def test_a_method_with_several_outputs_is_refused_in_memory(tmp_path, llama_fami
             "method": {"name": "model_recombination"}, "output": {"path": str(tmp_path / "out")}}
     with pytest.raises(MixcliError, match=r"^recipe.toml: \[method\] 'model_recombination' makes 2 models"):
         build(project_from_dict(data, tmp_path))
+
+
+def test_a_previous_candidate_is_overwritten_in_place_bitwise(tmp_path, llama_family):
+    first = recipe(llama_family, "ties", tmp_path / "out")
+    model = build_model(project_from_dict(first, tmp_path))
+    pointers = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    second = recipe(llama_family, "ties", tmp_path / "out")
+    second["models"]["ft1"]["weight"], second["method"]["density"] = 0.9, 0.3
+    again = build_model(project_from_dict(second, tmp_path), model=model)
+    assert again is model
+    assert {name: t.data_ptr() for name, t in again.state_dict().items()} == pointers  # nothing allocated
+    assert_bitwise(build_state_dict(project_from_dict(second, tmp_path)), dict(again.state_dict()))
+    fresh = build_model(project_from_dict(second, tmp_path))
+    ids = torch.tensor([[3, 14, 15, 9, 26]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, fresh(ids).logits)
+    # another shape (a passthrough of 6 layers) cannot reuse it: a new model
+    other = build_model(project_from_dict(passthrough_slices(llama_family, tmp_path / "out"), tmp_path), model=model)
+    assert other is not model and other.config.num_hidden_layers == 6

@@ -69,7 +69,7 @@ def decode_indicator(indicator, layer_counts: dict[str, int], repeats: int = 1, 
 
 
 def path_recipe(steps, models: dict[str, str], *, embed_from: str | None = None, head_from: str | None = None,
-                output: str | None = None, dtype: str | None = None) -> dict:
+                output: str | None = None) -> dict:
     """The ``layer_path`` recipe of ``steps`` over ``models`` (name -> path): a dict for
     :func:`mixcli.project.project_from_dict`, listing only the models the path uses."""
     if not steps:
@@ -84,8 +84,6 @@ def path_recipe(steps, models: dict[str, str], *, embed_from: str | None = None,
             entry["scale"] = float(step.scale)
         layers.append(entry)
     method = {"name": "layer_path", "layers": layers, "embed_from": embed_from, "head_from": head_from}
-    if dtype:
-        method["dtype"] = dtype
     recipe = {"models": {name: models[name] for name in used}, "method": method}
     if output is not None:
         recipe["output"] = {"path": output}
