@@ -2,6 +2,7 @@
 scale is 1, and the scaled decoder otherwise; built in memory or written by `mixcli merge`,
 loaded through transformers' Auto classes, generating alike with and without the KV cache."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,13 @@ def test_layer_path_mistakes_are_one_line(tmp_path, llama_family):
         "recipe.toml: [models] model 'ft1' is not on the path nor embed_from or head_from; remove it")
     with pytest.raises(MixcliError, match="^layer path: the path is empty"):
         path_recipe([], sources(llama_family))
+
+
+def test_method_dtype_casts_the_path(tmp_path, llama_family):
+    data = path_recipe(SCALED, sources(llama_family), output=str(tmp_path / "out"), dtype="bfloat16")
+    tensors = build_state_dict(project_from_dict(data, tmp_path))
+    ft1 = tiny_models.load_tensors(llama_family["ft1"])
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert torch.equal(tensors["model.layers.2.mlp.up_proj.weight"], ft1["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    config = json.loads((merge(data, tmp_path) / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["model_type"] == "mixcli_dfs_llama"

@@ -11,7 +11,7 @@ method ``layer_path`` of this plugin::
 
 Embeddings come from ``embed_from``, the final norm and head from ``head_from``, output layer
 ``k`` from the step's source layer, through mixcli-layers' layer map (configs and headers
-only until the tensors are computed). With every scale 1 the output is the stock architecture
+only until the tensors are computed); ``[method] dtype`` casts the floating tensors. With every scale 1 the output is the stock architecture
 (a frankenmerge of single layers). Any other scale gives the scaled decoder of
 :mod:`mixcli_evolve.dfs_model`: the same tensors, ``model_type = "mixcli_dfs_<base>"`` and the
 scales in ``config.layer_input_scales``. Either way ``mixcli merge`` writes it and
@@ -32,6 +32,7 @@ from mixcli import MixcliError, Upscaler, param
 from mixcli.errors import closest
 
 STEP_KEYS = ("model", "layer", "scale")
+CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def decode_indicator(indicator, layer_counts: dict[str, int], repeats: int = 1, 
 
 
 def path_recipe(steps, models: dict[str, str], *, embed_from: str | None = None, head_from: str | None = None,
-                output: str | None = None) -> dict:
+                output: str | None = None, dtype: str | None = None) -> dict:
     """The ``layer_path`` recipe of ``steps`` over ``models`` (name -> path): a dict for
     :func:`mixcli.project.project_from_dict`, listing only the models the path uses."""
     if not steps:
@@ -84,6 +85,8 @@ def path_recipe(steps, models: dict[str, str], *, embed_from: str | None = None,
             entry["scale"] = float(step.scale)
         layers.append(entry)
     method = {"name": "layer_path", "layers": layers, "embed_from": embed_from, "head_from": head_from}
+    if dtype:
+        method["dtype"] = dtype
     recipe = {"models": {name: models[name] for name in used}, "method": method}
     if output is not None:
         recipe["output"] = {"path": output}
@@ -152,6 +155,8 @@ def build(context):
     lmap = LayerMap(embed_from, head_from, [LayerEntry(s.model, s.layer) for s in steps],
                     details={"layer_input_scales": scales})
     plan = plan_layer_map(context, lmap, "layer_path", f"{project.where}: [method]")
+    if project.dtype:
+        _cast(plan, project.dtype)
     if all(scale == 1.0 for scale in scales):
         return plan  # the stock architecture
     base = plan.config.get("model_type")
@@ -165,6 +170,30 @@ def build(context):
     plan.notes.append(f"input scales: the output is a '{config_class.model_type}' model, which loads with "
                       "transformers' Auto classes where mixcli-evolve is installed")
     return plan
+
+
+class _Cast:
+    """A copied tensor in the recipe's ``[method] dtype``."""
+
+    def __init__(self, compute, code: str):
+        self.compute, self.code = compute, code
+
+    def __call__(self):
+        from mixcli.safetensors_io import torch_dtype
+
+        return self.compute().to(torch_dtype(self.code))
+
+
+def _cast(plan, dtype: str) -> None:
+    """Every floating tensor of ``plan`` written in ``dtype`` ([method] dtype), and the config saying so."""
+    from mixcli.plan import set_dtype
+    from mixcli.safetensors_io import FLOATING
+
+    code = CODES[dtype]
+    for tensor in plan.tensors:
+        if tensor.dtype in FLOATING and tensor.dtype != code:
+            tensor.compute, tensor.dtype, tensor.fill = _Cast(tensor.compute, code), code, None
+    set_dtype(plan.config, dtype)
 
 
 METHOD = Upscaler(
