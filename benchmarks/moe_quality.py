@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--steps-grid", default="100,300")
     parser.add_argument("--batches", default="16", help="sweep: batch sizes")
     parser.add_argument("--merges", action="store_true", help="also weight merges and oracle routing")
+    parser.add_argument("--only", default="", help="run only the MoE variants whose label contains this")
     parser.add_argument("--oracle-only", action="store_true", help="only the experts and oracle routing")
     parser.add_argument("--stem-lambda", type=float, default=None)
     parser.add_argument("--figure", type=Path, default=None, help="copy the tuned hidden MoE's tune_loss.png here")
@@ -227,7 +228,8 @@ def main() -> None:
                                  tune=tune)
                     record(f"MoE hidden, tuned lr {lr:g} steps {steps} batch {batch}", folder)
     else:
-        record("base", base)
+        if not args.only:
+            record("base", base)
         if args.merges:
             for method in ("task_arithmetic", "ties"):
                 record(f"weight merge: {method}", weight_merge(work, method, members, base))
@@ -238,6 +240,8 @@ def main() -> None:
                     ("hidden routers (mergekit residual), tuned", "hidden", defaults, 'hidden_source = "residual"\n'),
                     ("hidden routers, tuned (defaults)", "hidden", defaults, "")]
         for index, (label, mode, tuning, extra) in enumerate(variants):
+            if args.only not in label:
+                continue
             folder = moe(work, f"moe{index}", members, base, prompts, gate_mode=mode, modules=modules,
                          tune=tuning, stem_lambda=args.stem_lambda, extra=extra)
             record(f"MoE {'+'.join(modules)}: {label}", folder)
