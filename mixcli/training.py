@@ -157,13 +157,6 @@ class Schedule:
             return decay
         return self.min_lr_rate + (1 - self.min_lr_rate) * decay
 
-    def describe(self, total: int) -> str:
-        warmup = self.warmup(total)
-        text = self.lr_scheduler_type
-        if self.lr_scheduler_type != "constant" and self.min_lr_rate:
-            text += f" to {self.min_lr_rate:g}·lr"
-        return text + (f" after {warmup} warm-up steps" if warmup else "")
-
 
 # key -> (type, help); every table that trains accepts these, the README lists the same
 SCHEDULE_KEYS = {
