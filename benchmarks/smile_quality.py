@@ -30,15 +30,16 @@ def load_tasks(zoo: Path, manifest: dict, split: str) -> dict:
 
     tasks = {}
     for entry in manifest["experts"]:
-        name, weight, bias, images, labels = read_task(zoo / entry["path"], 0, split)
-        tasks[entry["task"]] = (weight, bias, images.reshape(len(images), 1, 8, 8), labels)
+        name, weight, bias, images, labels, feature = read_task(zoo / entry["path"], 0, split)
+        tasks[entry["task"]] = (weight, bias, images.reshape(len(images), 1, 8, 8), labels, feature)
     return tasks
 
 
 def accuracies(model, tasks: dict) -> dict:
     from mixcli_eval.metrics import classification_accuracy
 
-    return {name: classification_accuracy(model, w, b, x, y) for name, (w, b, x, y) in tasks.items()}
+    return {name: classification_accuracy(model, w, b, x, y, feature=feature)
+            for name, (w, b, x, y, feature) in tasks.items()}
 
 
 def own_routing(model, tasks: dict, order: list) -> float:
@@ -53,7 +54,7 @@ def own_routing(model, tasks: dict, order: list) -> float:
     shares = []
     try:
         with torch.no_grad():
-            for name, (_, _, x, _) in tasks.items():
+            for name, (_, _, x, _, _) in tasks.items():
                 picks.clear()
                 model(pixel_values=x)
                 decisions = torch.cat(picks)
