@@ -127,7 +127,8 @@ class Schedule:
     when ``warmup_steps`` is 0): step ``s`` uses ``(s + 1) / warmup`` of ``lr``, so the last
     warm-up step reaches ``lr`` and no step is spent at 0 (transformers starts at 0). Then
     ``constant`` stays at ``lr``; ``linear`` and ``cosine`` decay from ``lr`` to
-    ``min_lr_rate * lr`` at the last step, linearly or along half a cosine.
+    ``min_lr_rate * lr`` one step after the last (transformers' schedules end there too), linearly
+    or along half a cosine.
     """
 
     lr_scheduler_type: str = "constant"
@@ -161,7 +162,7 @@ class Schedule:
 # key -> (type, help); every table that trains accepts these, the README lists the same
 SCHEDULE_KEYS = {
     "lr_scheduler_type": (str, "learning-rate schedule: 'constant', 'linear' or 'cosine' (decay to "
-                               "min_lr_rate·lr at the last step)"),
+                               "min_lr_rate·lr one step after the last, as transformers)"),
     "warmup_steps": (int, "steps of linear warm-up to lr (0: none, or warmup_ratio)"),
     "warmup_ratio": (float, "warm-up as a share of the steps, used when warmup_steps is 0"),
     "min_lr_rate": (float, "where linear and cosine decay end, as a multiple of lr"),
