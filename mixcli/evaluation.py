@@ -41,8 +41,8 @@ class EvalContext:
 
     def load_model(self, auto_class: str, dtype: str | None = None):
         """The model to measure as ``auto_class`` (e.g. ``"AutoModelForCausalLM"``), on the
-        context's device, in eval mode and in ``dtype`` when given: the resident model (moved
-        and cast in place, as ``from_pretrained`` would load it), or loaded from the folder."""
+        context's device, in eval mode and in ``dtype`` when given: the resident model (moved in
+        place; a cast copy when ``dtype`` differs from its own), or loaded from the folder."""
         import torch
 
         torch_dtype = getattr(torch, dtype) if dtype else None
@@ -50,8 +50,12 @@ class EvalContext:
             kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
             return load_model(auto_class, self.model_path, **kwargs).to(self.device).eval()
         model = resident_as(self.model, auto_class, self.model_path)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
+        if torch_dtype is not None and model.dtype != torch_dtype:
+            # a copy: casting the resident model in place would change what the next
+            # evaluator (or fitness term) measures, and a bfloat16 round trip is lossy
+            import copy
+
+            model = copy.deepcopy(model).to(torch_dtype)
         return model.to(self.device).eval()
 
     def load_tokenizer(self):

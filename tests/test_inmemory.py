@@ -159,6 +159,26 @@ def test_evaluators_measure_the_resident_model_as_the_written_folder(tmp_path, l
     assert math.isfinite(loss) and loss > 0
 
 
+def test_an_evaluator_in_another_dtype_leaves_the_resident_model_as_it_was(tmp_path, llama_family):
+    # a float32 merge measured in bfloat16 first: the next float32 measurement must still be
+    # the written folder's (an in-place cast would round the resident weights)
+    (tmp_path / "text.txt").write_text("12+34=46\nabc cba\nhello world\n")
+    data = recipe(llama_family, "task_arithmetic", tmp_path / "out")
+    data["output"]["dtype"] = "float32"
+    model = build_model(project_from_dict(data, tmp_path))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_on_disk(data, tmp_path)
+    perplexity = get_registry().evaluators["perplexity"]
+    on_disk = run_evaluator(perplexity, tmp_path / "out", {"data": "text.txt", "dtype": "float32"}, "test",
+                            base_dir=tmp_path, show_progress=False)
+    run_evaluator(perplexity, None, {"data": "text.txt", "dtype": "bfloat16"}, "test", base_dir=tmp_path,
+                  model=model, show_progress=False)
+    after = run_evaluator(perplexity, None, {"data": "text.txt", "dtype": "float32"}, "test", base_dir=tmp_path,
+                          model=model, show_progress=False)
+    assert after == on_disk
+    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+
+
 def test_classification_measures_a_resident_backbone_as_the_folder(tmp_path):
     config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
