@@ -96,20 +96,26 @@ def resident_as(model, auto_class: str, where) -> Any:
                       f"measures a {wanted.__name__} ({auto_class}); build it as that class")
 
 
-def resolve_params(evaluator, settings: dict, where: str) -> dict:
+def check_params(evaluator, settings: dict, where: str, hint: str = "") -> dict:
+    """``settings`` (an evaluator's parameters by key) checked against its specs: one-line errors
+    for an unknown key, a wrong value or a missing required one (``hint``, formatted with the ``key``, says how to give it)."""
     specs = evaluator.param_specs
-    params = {}
+    checked = {}
     for key, setting in settings.items():
         if key not in specs:
             raise MixcliError(f"{where}: unknown parameter '{key}' for evaluator '{evaluator.name}'"
                               f"{closest(key, specs)}")
-        settings[key] = check_setting(specs[key], setting, where)
+        checked[key] = check_setting(specs[key], setting, where)
     for key, spec in specs.items():
-        if spec.required and key not in settings:
-            raise MixcliError(f"{where}: evaluator '{evaluator.name}' needs '{key}' ({spec.help}); "
-                              f"give it with --param {key}=VALUE")
-        params[spec.field] = resolve(spec, [settings.get(key, NOTHING)], "", 0.0, where)
-    return params
+        if spec.required and key not in checked:
+            raise MixcliError(f"{where}: evaluator '{evaluator.name}' needs '{key}' ({spec.help}){hint.format(key=key)}")
+    return checked
+
+
+def resolve_params(evaluator, settings: dict, where: str) -> dict:
+    settings.update(check_params(evaluator, settings, where, "; give it with --param {key}=VALUE"))
+    return {spec.field: resolve(spec, [settings.get(key, NOTHING)], "", 0.0, where)
+            for key, spec in evaluator.param_specs.items()}
 
 
 def run_evaluator(evaluator, model_path: Path | None, settings: dict, where: str, models=None,

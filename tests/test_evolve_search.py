@@ -196,3 +196,67 @@ def test_resume_refuses_a_record_of_another_search(toy):
         evolve(toy("budget = 2\nseed = 3"), resume=True)
     with pytest.raises(MixcliError, match="holds a search record; pass --resume to continue it or --force"):
         evolve(toy("budget = 2"))
+
+
+def test_resume_after_a_kill_cut_the_last_record_line_keeps_resuming(toy):
+    whole, _ = evolve(toy("budget = 9", output="whole"))
+    path = toy("budget = 4", name="cut.toml", output="cut")
+    stopped, _ = evolve(path)
+    record = stopped.folder / "record.jsonl"
+    record.write_text(record.read_text()[:-40])  # a kill in the middle of the last entry
+    for budget in (6, 9):  # each resume appends to what the one before left
+        evolve(toy(f"budget = {budget}", name="cut.toml", output="cut"), resume=True)
+    lines = record.read_text().splitlines()
+    assert all(line.startswith("{") and line.endswith("}") for line in lines)
+    assert history(stopped.folder) == history(whole.folder)
+
+
+def test_resuming_with_a_budget_below_the_record_is_a_one_line_error(toy):
+    from mixcli.errors import MixcliError
+
+    evolve(toy("budget = 5"))
+    with pytest.raises(MixcliError, match=r"holds 5 evaluations, more than \[search\] budget = 3; give a budget "
+                                          r"of at least 5"):
+        evolve(toy("budget = 3"), resume=True)
+
+
+def test_a_candidate_whose_fitness_is_nan_is_never_the_best(toy):
+    a, b, c = [0.5, 0.5], [0.2, 0.6], [0.9, 0.1]
+    FixedStrategy.GENERATIONS = [[a, b, c]]
+    FixedStrategy.told = []
+    INTERRUPT_AT[0] = 0
+
+    scores = iter([float("nan"), 2.0, 3.0])
+
+    def diverging(context):
+        CALLS.append(context.model_path)
+        return {"distance": -next(scores)}
+
+    registry = plugins.get_registry()
+    evaluator = registry.evaluators["toy_distance"]
+    import dataclasses
+
+    registry.evaluators["toy_distance"] = dataclasses.replace(evaluator, evaluate=diverging)
+    try:
+        outcome, _ = evolve(toy('budget = 3\nstrategy = "fixed"'))
+    finally:
+        registry.evaluators["toy_distance"] = evaluator
+    rows = history(outcome.folder)
+    assert [r[4] for r in rows] == [None, 2.0, 3.0]
+    assert outcome.best["fitness"] == 3.0 and outcome.best["evaluation"] == 3
+    assert "fitness 3.0" in (outcome.folder / "best.toml").read_text()
+    assert FixedStrategy.told[0][0] == max(FixedStrategy.told[0])  # ranked worst
+
+
+def test_an_output_path_that_is_a_file_is_a_one_line_error(toy):
+    path = toy("budget = 2", output="taken")
+    (path.parent / "taken").write_text("the user's notes\n")
+    from click.testing import CliRunner
+
+    from mixcli.cli import cli
+
+    result = CliRunner().invoke(cli, ["evolve", str(path), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].endswith("taken: is a file, not a folder; choose another "
+                                                           "[output] path (or --out) for the search")
+    assert (path.parent / "taken").read_text() == "the user's notes\n"

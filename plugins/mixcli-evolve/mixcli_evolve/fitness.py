@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +67,12 @@ def score(recipe: dict, setup: FitnessSetup, registry=None) -> dict:
                                     setup.models, setup.base_dir, setup.device, model=model, show_progress=False)
             results.append({key: float(value) for key, value in metrics.items()
                             if isinstance(value, (int, float)) and not isinstance(value, bool)})
-    return {"fitness": combine(setup.terms, results), "metrics": results,
-            "seconds": round(time.perf_counter() - started, 3)}
+    fitness = combine(setup.terms, results)
+    entry = {"fitness": fitness, "metrics": results, "seconds": round(time.perf_counter() - started, 3)}
+    if not math.isfinite(fitness):
+        # a diverged candidate (NaN or overflowing loss) is unscored: it ranks worst, never best
+        entry.update(fitness=None, unscored=f"fitness is {fitness}")
+    return entry
 
 
 def combine(terms: list[FitnessTerm], results: list[dict]) -> float:

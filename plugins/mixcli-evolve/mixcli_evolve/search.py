@@ -131,10 +131,28 @@ def read_record(folder: Path) -> tuple[dict | None, list[dict]]:
     return rows[0], rows[1:]
 
 
+def _drop_cut_line(path: Path) -> None:
+    """A record whose last line a kill cut short is rewritten without it before anything is
+    appended (appending to it would glue two entries into one damaged line)."""
+    text = path.read_text()
+    if not text or text.endswith("\n"):
+        return
+    head, _, last = text.rpartition("\n")
+    try:
+        json.loads(last)
+        kept = text + "\n"  # the entry is whole, only its newline is missing
+    except ValueError:
+        kept = head + "\n"
+    write_atomically(path, kept)
+
+
 def prepare_folder(folder: Path, plan: SearchPlan, resume: bool, force: bool) -> list[dict]:
     """The output folder, checked: the recorded entries to replay (resume), or a fresh record."""
     from mixcli.target import protected_folders
 
+    if folder.exists() and not folder.is_dir():
+        raise MixcliError(f"{folder}: is a file, not a folder; choose another [output] path (or --out) for the "
+                          "search")
     header, entries = read_record(folder)
     for label, inputs in protected_folders(plan.project).items():
         real, other = folder.resolve(), Path(inputs).resolve()
@@ -150,6 +168,11 @@ def prepare_folder(folder: Path, plan: SearchPlan, resume: bool, force: bool) ->
                 raise MixcliError(f"{folder / RECORD}: recorded by a different search ({key} was "
                                   f"{header.get(key)!r}, the project now gives {value!r}); resume with the "
                                   "same project, or start again with --force")
+        done = max((e["evaluation"] for e in entries), default=0)
+        if done > plan.settings.budget:
+            raise MixcliError(f"{folder / RECORD}: holds {done} evaluations, more than [search] budget = "
+                              f"{plan.settings.budget}; give a budget of at least {done} to resume it")
+        _drop_cut_line(folder / RECORD)
         return entries
     if header is not None and not force:
         raise MixcliError(f"{folder}: holds a search record; pass --resume to continue it or --force to start over")
@@ -195,6 +218,8 @@ def run(plan: SearchPlan, folder: Path, executor, setup: FitnessSetup, replay: l
         else:
             record.write(json.dumps(entry) + "\n")
             record.flush()
+            if entry.get("unscored"):
+                say(f"evaluation {entry['evaluation']}: {entry['unscored']}; the candidate ranks worst")
         fitness = entry["fitness"]
         if fitness is not None and (best is None or fitness > best["fitness"]):
             best = entry

@@ -100,7 +100,6 @@ def _choice(table: dict, key: str, default: str, choices: tuple, where: str) -> 
 def parse_search(project, method, registry) -> SearchSettings:
     """The project's [search] table, checked against its models, method and the registry."""
     from mixcli.components import MergeMethod
-    from mixcli.params import check_setting
 
     name = project.where
     where = f"{name}: [search]"
@@ -211,11 +210,13 @@ def parse_search(project, method, registry) -> SearchSettings:
     if settings.max_path_length is not None and settings.max_path_length < settings.min_path_length:
         raise MixcliError(f"{where} max_path_length {settings.max_path_length} is below min_path_length "
                           f"{settings.min_path_length}")
-    settings.fitness = _fitness(table, project, registry, where, allow_test, check_setting)
+    settings.fitness = _fitness(table, project, registry, where, allow_test)
     return settings
 
 
-def _fitness(table: dict, project, registry, where: str, allow_test: bool, check_setting) -> list[FitnessTerm]:
+def _fitness(table: dict, project, registry, where: str, allow_test: bool) -> list[FitnessTerm]:
+    from mixcli.evaluation import check_params
+
     entries = table.get("fitness")
     if entries is None or entries == []:
         raise MixcliError(f"{where}: no [[search.fitness]]; add at least one, e.g. [[search.fitness]] "
@@ -244,14 +245,7 @@ def _fitness(table: dict, project, registry, where: str, allow_test: bool, check
             raise MixcliError(f"{here}: weight must be a non-zero number, got {weight!r}")
         params = {k: v for k, v in entry.items() if k not in FITNESS_KEYS}
         specs = evaluator.param_specs
-        for key, setting in params.items():
-            if key not in specs:
-                raise MixcliError(f"{here}: unknown parameter '{key}' for evaluator '{evaluator.name}'"
-                                  f"{closest(key, specs)}")
-            params[key] = check_setting(specs[key], setting, here)
-        for key, spec in specs.items():
-            if spec.required and key not in params:
-                raise MixcliError(f"{here}: evaluator '{evaluator.name}' needs '{key}' ({spec.help})")
+        params = check_params(evaluator, params, here)
         split = _split(params, specs)
         if split is not None and not allow_test:
             raise MixcliError(f"{here}: the fitness would use the test split ({split}); search on a validation "
