@@ -1,14 +1,23 @@
 """Time and memory of the singular-vector merges (tsv_merge, iso_c, iso_cts) next to ties and
 next to their floor: the same SVDs alone, on the same matrices, with the same threads.
 
-Builds (once, seeded) a base and two fine-tunes in the Llama layout of
-benchmarks/bench_merge.py (hidden 2048, intermediate 5632, 16 heads, 4 KV heads, bf16) with
-``--layers`` layers (default 1: a full-size SVD of every matrix shape of the 0.85 B model;
-all 16 layers take hours on 2 cores), embeddings and head excluded from the SVD rule as the
-method notes advise for causal LMs. Prints wall seconds and peak RSS of `mixcli merge` for each
-method, and the seconds of its SVDs alone (each task vector's SVD and the polar factors'),
-run on the engine's worker threads.
+Two set-ups, base + 2 experts in bf16, embeddings and head excluded from the SVD rule as the
+method notes advise for causal LMs:
 
+* ``--models DIR``: the three 0.85 B models of benchmarks/bench_merge.py (``DIR`` is its
+  ``--root``, default .bench; built there if missing). The whole model is merged, so the peak
+  RSS is the full-size one; the SVD rule runs on the first ``--svd-layers`` layers (default:
+  all 16; the others take the mean task vector through ``decompose = false``), since all 16
+  take hours on 2 cores: the merge's time beyond its floor scales with the layers SVD'd.
+* otherwise it builds (once, seeded) a small model of ``--layers`` layers in the same layout
+  (default 1: every matrix shape of the 0.85 B model at full size) under ``--root``.
+
+Prints the core count and load average, then per method the wall seconds and peak RSS of
+`mixcli merge` and the seconds of its SVDs alone (each task vector's SVD, and the polar
+factors'), run as the engine runs them: matrices with a side under INTRA_OP_MIN_SIDE one per
+worker thread, larger ones one at a time on every core.
+
+    python benchmarks/bench_singular.py --models .bench [--svd-layers 1] [--only ties,tsv_merge,iso_cts]
     python benchmarks/bench_singular.py [--root .bench/singular] [--layers 1] [--hidden 2048]
         [--intermediate 5632] [--vocab 32000] [--only tsv_merge,iso_cts] [--workers N]
 """
@@ -70,11 +79,21 @@ def build(root: Path, args) -> None:
     marker.write_text(json.dumps(wanted))
 
 
-def run_merge(root: Path, method: str, workers: int | None) -> tuple[float, float]:
+def svd_rule(svd_layers: int | None) -> str:
+    """The recipe line that keeps the SVD rule to the first ``svd_layers`` layers."""
+    if svd_layers is None:
+        return ""
+    keep = [f'{{ filter = "model.layers.{i}.", value = true }}' for i in range(svd_layers)]
+    return f"\ndecompose = [{', '.join(keep + ['{ value = false }'])}]"
+
+
+def run_merge(root: Path, method: str, workers: int | None, svd_layers: int | None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB, mapped input pages included) of one `mixcli merge`."""
     project = root / f"{method}.toml"
-    project.write_text(f'[models]\nbase = "base"\nft1 = "ft1"\nft2 = "ft2"\n[method]\n{RECIPES[method]}\n'
-                       f'[output]\npath = "out-{method}"\n')
+    rule = svd_rule(svd_layers) if method != "ties" else ""
+    project.write_text(f'[models]\nbase = "base"\nft1 = "ft1"\nft2 = "ft2"\n[method]\n{RECIPES[method]}{rule}\n'
+                       'dtype = "bfloat16"\n'
+                       f'[output]\npath = "out-{method}"\ncopy_tokenizer = false\n')
     arguments = ["merge", str(project), "--force", "--no-progress"] + (["--workers", str(workers)] if workers else [])
     child = ("import json, resource, sys\nfrom mixcli.cli import cli\ntry:\n    cli(json.loads(sys.argv[1]), "
              "standalone_mode=False)\nfinally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
@@ -86,21 +105,40 @@ def run_merge(root: Path, method: str, workers: int | None) -> tuple[float, floa
     return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024
 
 
-def svd_floor(root: Path, method: str, workers: int) -> float:
+class Model:
+    """The tensors of one model folder (one file or shards with an index), read lazily."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        shards = (json.loads(index.read_text())["weight_map"] if index.is_file()
+                  else dict.fromkeys(safe_open(str(folder / "model.safetensors"), "pt").keys(), "model.safetensors"))
+        files = {f: safe_open(str(folder / f), "pt") for f in set(shards.values())}
+        self.files = {name: files[f] for name, f in shards.items()}
+
+    def shape(self, name):
+        return self.files[name].get_slice(name).get_shape()
+
+    def get(self, name):
+        return self.files[name].get_tensor(name)
+
+
+def svd_floor(root: Path, method: str, workers: int, svd_layers: int | None) -> float:
     """Seconds of the SVDs ``method`` performs per matrix, on ``workers`` one-thread workers."""
     import torch
-    from safetensors import safe_open
 
     from mixcli.svd import rank_per_task
 
     torch.set_num_threads(1)
-    files = {n: safe_open(str(root / n / "model.safetensors"), "pt") for n in ("base", "ft1", "ft2")}
-    names = [k for k in files["base"].keys() if len(files["base"].get_slice(k).get_shape()) == 2
-             and k not in EXCLUDE]
+    models = {n: Model(root / n) for n in ("base", "ft1", "ft2")}
+    layers = [f"model.layers.{i}." for i in range(svd_layers)] if svd_layers is not None else None
+    names = [k for k in models["base"].files if len(models["base"].shape(k)) == 2 and k not in EXCLUDE
+             and (layers is None or any(k.startswith(p) for p in layers))]
 
     def work(name):
-        base = files["base"].get_tensor(name).float()
-        taus = [files[m].get_tensor(name).float() - base for m in ("ft1", "ft2")]
+        base = models["base"].get(name).float()
+        taus = [models[m].get(name).float() - base for m in ("ft1", "ft2")]
         m, n = base.shape
         r = min(m, n)
         start = time.perf_counter()
@@ -119,7 +157,7 @@ def svd_floor(root: Path, method: str, workers: int) -> float:
     # the engine's policy: large matrices alone with every core, the others one per worker
     from mixcli.tensorwise import INTRA_OP_MIN_SIDE
 
-    large = [k for k in names if min(files["base"].get_slice(k).get_shape()) >= INTRA_OP_MIN_SIDE]
+    large = [k for k in names if min(models["base"].shape(k)) >= INTRA_OP_MIN_SIDE]
     small = [k for k in names if k not in large]
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
@@ -132,6 +170,8 @@ def svd_floor(root: Path, method: str, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, help="bench_merge.py's root: its three 0.85 B models")
+    parser.add_argument("--svd-layers", type=int, help="with --models: layers given the SVD rule (default 16)")
     parser.add_argument("--root", type=Path, default=Path(".bench/singular"))
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -140,21 +180,34 @@ def main() -> None:
     parser.add_argument("--only", default="ties,tsv_merge,iso_c,iso_cts")
     parser.add_argument("--workers", type=int)
     args = parser.parse_args()
-    root = args.root.absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    build(root, args)
     from mixcli.engine import default_workers
 
     workers = args.workers or default_workers()
-    print(f"{args.layers} layer(s), hidden {args.hidden}, intermediate {args.intermediate}; base + 2 experts, "
-          f"bf16; {os.cpu_count()} cores, {workers} workers; load {os.getloadavg()[0]:.1f}")
-    print(f"{'method':<10} {'merge s':>8} {'peak RSS MiB':>13} {'SVDs alone s':>13} {'ratio':>6}")
+    svd_layers = None
+    if args.models:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_merge
+
+        root = args.models.absolute()
+        bench_merge.build(root)
+        layers = bench_merge.SHAPE["layers"]
+        svd_layers = min(layers, args.svd_layers or layers)
+        print(f"the 0.85 B models of bench_merge.py ({layers} layers), SVD rule on {svd_layers} of them; ", end="")
+    else:
+        root = args.root.absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        build(root, args)
+        print(f"{args.layers} layer(s), hidden {args.hidden}, intermediate {args.intermediate}; ", end="")
+    print(f"base + 2 experts, bf16; {os.cpu_count()} cores, {workers} workers")
+    print(f"{'method':<10} {'merge s':>8} {'peak RSS MiB':>13} {'SVDs alone s':>13} {'ratio':>6} {'load':>10}")
     for method in args.only.split(","):
-        seconds, rss = run_merge(root, method, args.workers)
-        floor = svd_floor(root, method, workers) if method != "ties" else None
+        load = os.getloadavg()[0]
+        seconds, rss = run_merge(root, method, args.workers, svd_layers)
+        floor = svd_floor(root, method, workers, svd_layers) if method != "ties" else None
         ratio = f"{seconds / floor:6.2f}" if floor else "     -"
         floor_text = f"{floor:13.1f}" if floor else f"{'-':>13}"
-        print(f"{method:<10} {seconds:8.1f} {rss:13.0f} {floor_text} {ratio}", flush=True)
+        print(f"{method:<10} {seconds:8.1f} {rss:13.0f} {floor_text} {ratio} {load:>4.1f}-{os.getloadavg()[0]:<4.1f}",
+              flush=True)
 
 
 if __name__ == "__main__":
