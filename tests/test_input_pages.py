@@ -1,6 +1,7 @@
 """Letting the pages of memory-mapped inputs go (``release_pages``) while a method still uses
 them: values never change, only pages of an input map wholly inside the tensor go, anything
-else is left alone; karcher and sce over mapped inputs equal the same merges over copies, and
+else is left alone; karcher, sce and multislerp over mapped inputs equal the same merges over
+copies, and
 their memory-saving paths equal whole-tensor references written from the spec (§2.3, §2.4 of
 merge-methods-more.md)."""
 
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from mixcli.safetensors_io import SafetensorsFile, release_pages
-from mixcli_merge import karcher, sce
+from mixcli_merge import karcher, multislerp, sce
 from mixcli_merge.sce import ROW_BY_ROW_ABOVE
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
@@ -128,6 +129,9 @@ def test_karcher_and_sce_over_mapped_inputs_equal_the_whole_tensor_references(tm
             for n in (1, 2, 3):
                 want = sce_reference([copies[name] for name in list(models)[:n]], copies["base"])
                 assert torch.equal(sce.sce(xs[:n], views["base"], out=torch.empty(shape, dtype=dtype)), want), n
+            weights = dict(weight=[0.6, 0.4, 0.3])
+            assert torch.equal(multislerp.multislerp(xs, views["base"], **weights),
+                               multislerp.multislerp([copies[name] for name in models], copies["base"], **weights))
         finally:
             torch.set_num_threads(saved)
     assert all(torch.equal(views[name], copies[name]) for name in views)  # inputs untouched

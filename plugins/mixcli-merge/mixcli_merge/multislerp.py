@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from mixcli import MergeMethod, MixcliError, param
+from mixcli.safetensors_io import release_pages
 
 from ._torch import torch
 from .generalized import per_model
@@ -32,7 +33,8 @@ def multislerp(tensors, base=None, *, weight, normalize_weights=True, eps=1e-8, 
     the weighted mean direction vanishes, two models fall back to ``w_1 v_1 + w_2 v_2``; more
     raise MixcliError. The norms and the dot products with the mean are whole-row reductions,
     so one buffer of all rows is held (first the task vectors, then the products); everything
-    else runs chunk by chunk, with unit vectors recomputed from the inputs.
+    else runs chunk by chunk, with unit vectors recomputed from the inputs (whose mapped pages
+    go again once a pass has read them).
     """
     if not tensors[0].is_floating_point():
         raise MixcliError("multislerp needs floating-point tensors")
@@ -53,7 +55,13 @@ def multislerp(tensors, base=None, *, weight, normalize_weights=True, eps=1e-8, 
 
     def vectors(a, b):
         part = torch.stack([x[a:b] for x in flats], dim=0)
-        return part if flat_base is None else part.sub_(flat_base[a:b])
+        part = part if flat_base is None else part.sub_(flat_base[a:b])
+        for x in flats if flat_base is None else (*flats, flat_base):  # read again on the next pass
+            release_pages(x[a:b])
+        return part
+
+    for x in flats if flat_base is None else (*flats, flat_base):  # mapped whole by the engine
+        release_pages(x)
 
     rows = torch.empty(n, size, dtype=dtype)
     for a, b in chunks(size):
