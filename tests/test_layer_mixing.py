@@ -475,3 +475,32 @@ def test_recombination_single_output_tied_models_and_errors(tmp_path, tied_famil
     family = dict(llama_family, narrow=narrow)
     fails(recombination(tmp_path, family, 0, names=("base", "narrow")),
           "recombination needs models with identical shapes")
+
+
+@pytest.mark.parametrize("method", ["frankenmerge", "depth_upscaling", "model_recombination"])
+def test_method_dtype_is_the_dtype_of_every_floating_tensor_written(method, tmp_path, llama_family):
+    # the recipe says float16: a layer map that copied float32 tensors would write another model
+    if method == "frankenmerge":
+        body = ('[method]\nname = "frankenmerge"\ndtype = "float16"\nlayers = [{ model = "base", range = [0, 2] }, '
+                '{ model = "ft1", range = [1, 3] }]\n')
+        models = f'[models]\nbase = "{llama_family["base"]}"\nft1 = "{llama_family["ft1"]}"\n'
+    elif method == "model_recombination":
+        body = '[method]\nname = "model_recombination"\ndtype = "float16"\nnum_outputs = 1\n'
+        models = f'[models]\nbase = "{llama_family["base"]}"\nft1 = "{llama_family["ft1"]}"\n'
+    else:
+        body = '[method]\nname = "depth_upscaling"\ndtype = "float16"\nlayers = ["0:2", "1:3"]\n'
+        models = f'[models]\nbase = "{llama_family["base"]}"\n'
+    project = tmp_path / "project.toml"
+    project.write_text(models + body + f'[output]\npath = "{tmp_path / "out"}"\n')
+    result = CliRunner().invoke(cli, ["merge", str(project), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    written = tiny_models.load_tensors(tmp_path / "out")
+    base = tiny_models.load_tensors(llama_family["base"])
+    assert written and all(t.dtype == torch.float16 for t in written.values())
+    name = "model.layers.0.mlp.up_proj.weight"
+    sources = [base] + ([tiny_models.load_tensors(llama_family["ft1"])] if method == "model_recombination" else [])
+    assert any(torch.equal(written[name], source[name].half()) for source in sources)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.float16

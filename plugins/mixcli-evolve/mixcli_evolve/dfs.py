@@ -32,7 +32,6 @@ from mixcli import MixcliError, Upscaler, param
 from mixcli.errors import closest
 
 STEP_KEYS = ("model", "layer", "scale")
-CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 @dataclass(frozen=True)
@@ -154,9 +153,7 @@ def build(context):
     scales = [s.scale for s in steps]
     lmap = LayerMap(embed_from, head_from, [LayerEntry(s.model, s.layer) for s in steps],
                     details={"layer_input_scales": scales})
-    plan = plan_layer_map(context, lmap, "layer_path", f"{project.where}: [method]")
-    if project.dtype:
-        _cast(plan, project.dtype)
+    plan = plan_layer_map(context, lmap, "layer_path", f"{project.where}: [method]")  # casts to [method] dtype
     if all(scale == 1.0 for scale in scales):
         return plan  # the stock architecture
     base = plan.config.get("model_type")
@@ -170,30 +167,6 @@ def build(context):
     plan.notes.append(f"input scales: the output is a '{config_class.model_type}' model, which loads with "
                       "transformers' Auto classes where mixcli-evolve is installed")
     return plan
-
-
-class _Cast:
-    """A copied tensor in the recipe's ``[method] dtype``."""
-
-    def __init__(self, compute, code: str):
-        self.compute, self.code = compute, code
-
-    def __call__(self):
-        from mixcli.safetensors_io import torch_dtype
-
-        return self.compute().to(torch_dtype(self.code))
-
-
-def _cast(plan, dtype: str) -> None:
-    """Every floating tensor of ``plan`` written in ``dtype`` ([method] dtype), and the config saying so."""
-    from mixcli.plan import set_dtype
-    from mixcli.safetensors_io import FLOATING
-
-    code = CODES[dtype]
-    for tensor in plan.tensors:
-        if tensor.dtype in FLOATING and tensor.dtype != code:
-            tensor.compute, tensor.dtype, tensor.fill = _Cast(tensor.compute, code), code, None
-    set_dtype(plan.config, dtype)
 
 
 METHOD = Upscaler(

@@ -17,6 +17,7 @@ from mixcli import MixcliError
 from mixcli.architecture import check_layer_count, head_name, head_source, layer_templates, map_config, tensor_role
 from mixcli.params import NOTHING, ParamSpec, check_setting, evaluate
 from mixcli.plan import OutputPlan, OutputTensor, output_dtype_name, set_dtype
+from mixcli.safetensors_io import FLOATING
 
 SCALE = ParamSpec(name="scale", field="scale", type=float, default=None, help="multiply the tensors",
                   per_model=True, min=None, max=None, min_exclusive=False, choices=None)
@@ -72,6 +73,31 @@ def _copy(ckpt, in_name: str, out_name: str, scale: float | None, source: str) -
     if scale is not None:
         details["scale"] = scale
     return OutputTensor(out_name, info.shape, info.dtype, _Copy(ckpt, in_name, scale), [(ckpt, in_name)], details)
+
+
+DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+class _Cast:
+    """A copied tensor in the recipe's ``[method] dtype``."""
+
+    def __init__(self, compute, code: str):
+        self.compute, self.code = compute, code
+
+    def __call__(self):
+        from mixcli.safetensors_io import torch_dtype
+
+        return self.compute().to(torch_dtype(self.code))
+
+
+def cast_floating(tensors: list[OutputTensor], config: dict, dtype: str) -> None:
+    """``[method] dtype``: every floating tensor written in ``dtype``, and the config saying so
+    (copying the inputs' dtype would write a model other than the recipe's)."""
+    code = DTYPE_CODES[dtype]
+    for tensor in tensors:
+        if tensor.dtype in FLOATING and tensor.dtype != code:
+            tensor.compute, tensor.dtype, tensor.fill = _Cast(tensor.compute, code), code, None
+    set_dtype(config, dtype)
 
 
 def check_compatible(models: dict, names: list[str], where: str) -> None:
@@ -145,7 +171,9 @@ def plan_layer_map(context, lmap: LayerMap, method: str, where: str) -> OutputPl
     configs = {name: models[name].config for name in used}
     config = map_config(configs, lmap.embed_from, [(e.model, e.index) for e in lmap.layers], where)
     floating = [t.dtype for t in tensors if t.dtype in ("F32", "F16", "BF16", "F64")]
-    if floating:
+    if context.project.dtype:
+        cast_floating(tensors, config, context.project.dtype)
+    elif floating:
         set_dtype(config, output_dtype_name(Counter(floating).most_common(1)[0][0]))
     if head_tensor is not None and any(t.name == head_tensor for t in tensors):
         config["tie_word_embeddings"] = False  # a written head must not be replaced by the embedding

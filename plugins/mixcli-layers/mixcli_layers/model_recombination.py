@@ -24,7 +24,7 @@ from mixcli import MixcliError, Upscaler, param
 from mixcli.architecture import check_layer_count, layout_of
 from mixcli.plan import OutputPlan, OutputTensor
 
-from ._layermap import _Copy
+from ._layermap import _Copy, cast_floating
 
 FORMAT = "mixcli-recombination/1"
 
@@ -142,7 +142,10 @@ def build(context):
                        "source": names[table[key][j]]} for key, members in groups],
         }
         extra = {"recombination.json": (json.dumps(meta, indent=2) + "\n").encode()}
-        plans[f"model_{j}"] = OutputPlan(config=dict(ref.config), tensors=tensors, donor=ref, extra_files=extra)
+        config = dict(ref.config)
+        if project.dtype:
+            cast_floating(tensors, config, project.dtype)
+        plans[f"model_{j}"] = OutputPlan(config=config, tensors=tensors, donor=ref, extra_files=extra)
     return plans["model_0"] if count == 1 else plans
 
 
