@@ -40,6 +40,47 @@ def specials(tokenizer, generation_config=None) -> Specials:
     return Specials(bos if wanted else None, tokenizer.eos_token_id)
 
 
+def generation_settings(folder) -> dict:
+    """What the model in ``folder`` generates with, as transformers reads it: its
+    generation_config.json, or without one the ``bos_token_id`` / ``eos_token_id`` of its
+    config.json (of ``text_config`` where the top level names none), or {}."""
+    import json
+    from pathlib import Path
+
+    def read(name):
+        try:
+            data = json.loads((Path(folder) / name).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    generation = read("generation_config.json")
+    if generation is not None:
+        return generation
+    config = read("config.json") or {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    found = {}
+    for key in ("bos_token_id", "eos_token_id"):
+        value = config.get(key, text.get(key))
+        if value is not None:
+            found[key] = value
+    return found
+
+
+def model_specials(tokenizer, model) -> Specials:
+    """:func:`specials` of a model folder (a path: :func:`generation_settings`) or of a loaded
+    model (its folder when it was loaded from one, else its ``generation_config``), so that
+    tuning rows, router prompts and evaluation prompts agree on BOS and EOS."""
+    from pathlib import Path
+
+    if isinstance(model, (str, Path)):
+        return specials(tokenizer, generation_settings(model))
+    folder = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if folder and Path(folder).is_dir():
+        return specials(tokenizer, generation_settings(folder))
+    return specials(tokenizer, getattr(model, "generation_config", None))
+
+
 def encode(tokenizer, text: str, marks: Specials, *, eos: bool = False, max_length: int = 0) -> list[int]:
     """Token ids of ``text``: ``marks.bos`` first (once, whether or not ``text`` starts with the
     BOS token's text), then the text without the tokenizer's template, then EOS if ``eos``

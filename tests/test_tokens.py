@@ -82,3 +82,39 @@ def test_exact_match_prompts_get_the_bos_the_model_was_trained_with(tmp_path):
     assert exact_match(model, bare, ["<s>" + p for p in prompts], answers, max_new_tokens=4) == 1.0
     texts = ["12+34=46", "abc:cba"]
     assert mean_token_loss(model, bare, texts) == mean_token_loss(model, tok, ["<s>" + t for t in texts])
+
+
+def test_a_folder_without_generation_config_gets_the_same_bos_in_tune_routers_and_evaluators(tmp_path):
+    """transformers builds the generation config from config.json's bos/eos when the folder has no
+    generation_config.json; tuning rows and router prompts read the folder the same way."""
+    from types import SimpleNamespace
+
+    from mixcli_eval.metrics import mean_token_loss
+    from mixcli_moe._train import load_texts, tokenize
+    from mixcli_moe.routers import specials_of
+    from mixcli_moe.tune import TuneSettings
+
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    transformers.LlamaForCausalLM(tiny_models.config("llama", 2)).save_pretrained(folder)
+    templateless().save_pretrained(folder)
+    (folder / "generation_config.json").unlink()
+    assert json.loads((folder / "config.json").read_text())["bos_token_id"] == 1
+    bare = transformers.AutoTokenizer.from_pretrained(folder)
+    assert bare("ab")["input_ids"][0] != 1  # the saved tokenizer adds no BOS by itself
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert model.generation_config.bos_token_id == 1  # what transformers (and generate) use
+    assert tokens.generation_settings(folder) == {"bos_token_id": 1, "eos_token_id": 2}
+    assert tokens.model_specials(bare, model) == tokens.Specials(1, 2)
+    assert specials_of(SimpleNamespace(path=folder, name="base"), bare) == tokens.Specials(1, 2)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "12+34=46"}) + "\n" + json.dumps({"text": "ab"}) + "\n")
+    settings = TuneSettings(data="rows.jsonl")
+    sequences = tokenize(bare, load_texts(settings, tmp_path), settings, tokens.generation_settings(folder))
+    assert sequences[0][0] == [1] + bare("12+34=46", add_special_tokens=False)["input_ids"] + [2]
+    # the evaluator reads the text with the same BOS the tuning rows had
+    assert mean_token_loss(model, bare, ["12+34=46"]) == mean_token_loss(model, bare, ["<s>12+34=46"])
+    ids = torch.tensor([sequences[0][0][:-1]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1]
+    want = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+    assert abs(mean_token_loss(model, bare, ["12+34=46"]) - want) < 1e-5

@@ -60,7 +60,7 @@ def exact_match(
 
     was_training = model.training
     model.eval()
-    marks = tokens.specials(tokenizer, getattr(model, "generation_config", None))
+    marks = tokens.model_specials(tokenizer, model)
     device = next(model.parameters()).device
     hits = 0
     try:
@@ -96,7 +96,7 @@ def mean_token_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32
 
     was_training = model.training
     model.eval()
-    marks = tokens.specials(tokenizer, getattr(model, "generation_config", None))
+    marks = tokens.model_specials(tokenizer, model)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):

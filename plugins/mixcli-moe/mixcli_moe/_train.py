@@ -13,6 +13,7 @@ from mixcli import MixcliError
 from mixcli.datafiles import load_rows
 from mixcli.errors import first_line
 from mixcli.loading import from_pretrained
+from mixcli.tokens import generation_settings
 
 from ._balance import RouterCapture, balance_loss, is_router, load_fractions
 
@@ -158,17 +159,6 @@ def load_tokenizer(source: Path):
                           "tuning needs the tokenizer saved beside the model") from None
 
 
-def generation_config(source: Path) -> dict:
-    """The model's generation_config.json (which names the BOS it was trained with), or {}."""
-    import json
-
-    path = Path(source) / "generation_config.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def train(source: Path, target: Path, settings, project, *, force: bool, progress: bool):
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise MixcliError("[tune] device is 'cuda', but torch sees no CUDA device here; use 'auto' or 'cpu'")
@@ -194,7 +184,7 @@ def _train(source: Path, target: Path, settings, project, world, cuda: bool, for
     k = check_moe(source)
     tokenizer = load_tokenizer(source)
     rows = load_texts(settings, project.file.parent)
-    sequences = tokenize(tokenizer, rows, settings, generation_config(source))
+    sequences = tokenize(tokenizer, rows, settings, generation_settings(source))
     if len(sequences) < 2:
         raise MixcliError(f"[tune] data: {len(sequences)} rows of two tokens or more; router tuning needs at least 2")
     if settings.batch_size % world.size:

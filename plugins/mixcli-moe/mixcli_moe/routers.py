@@ -86,7 +86,7 @@ def prompt_states(model, tokenizer, prompts: list[str], places: tuple = ("residu
 
     from mixcli import tokens
 
-    marks = marks or tokens.specials(tokenizer, getattr(model, "generation_config", None))
+    marks = marks or tokens.model_specials(tokenizer, model)
     decoder = getattr(model, model.base_model_prefix, model)
     captured: dict = {}
     hooks = _capture_hooks(decoder, places, captured)
@@ -202,17 +202,10 @@ def load_tokenizer(base_ckpt, where: str):
 
 
 def specials_of(base_ckpt, tokenizer):
-    """BOS/EOS the base expects (:func:`mixcli.tokens.specials`, with its generation config)."""
-    import json
-
+    """BOS/EOS the base expects (:func:`mixcli.tokens.model_specials` of its folder)."""
     from mixcli import tokens
 
-    path = base_ckpt.path / "generation_config.json"
-    try:
-        generation = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        generation = {}
-    return tokens.specials(tokenizer, generation)
+    return tokens.model_specials(tokenizer, base_ckpt.path)
 
 
 def common_last_token(tokenizer, prompts: list[str], marks) -> str | None:
