@@ -45,8 +45,9 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
 
     def _norm(x, dtype):
         """``‖x‖`` as mergekit takes it, of ``x`` converted whole to ``dtype`` (here: copied into
-        ``scratch``, which overwrites the unit vector held there)."""
-        if x.dtype == dtype:
+        ``scratch``, which overwrites the unit vector held there; so is a tensor that is not
+        aligned, e.g. mapped from a file, since torch sums it in another order)."""
+        if x.dtype == dtype and _aligned(x):
             return torch.linalg.vector_norm(x)
         return torch.linalg.vector_norm(scratch.copy_(x))
 
@@ -69,7 +70,9 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
             release_pages(x[a:b])
         return unit
 
-    mean = torch.zeros_like(flats[0]) if out is None else out.view(-1).zero_()  # the result's storage
+    # the result's storage; the dot products over it round as mergekit's only when it is aligned
+    in_place = out is not None and _aligned(out)
+    mean = out.view(-1).zero_() if in_place else torch.zeros_like(flats[0])
     for beta, i in zip(betas, valid):
         load_unit(i)
         for a, b in chunks(mean.numel()):
@@ -109,7 +112,14 @@ def karcher(tensors, base=None, *, max_iter=10, tol=1e-5, out=None):
     del tangent, unit, scratch
     scale = sum(alpha * norm for norm in norms)
     _scale(mean, scale)
-    return mean.view(tensors[0].shape) if out is None else out
+    if out is None:
+        return mean.view(tensors[0].shape)
+    return out if in_place else out.copy_(mean.view(out.shape))
+
+
+def _aligned(x) -> bool:
+    """Whether torch's vectorised sums over ``x`` round as over a freshly allocated tensor."""
+    return x.data_ptr() % 64 == 0
 
 
 def _widen(buffer, upper):
