@@ -118,3 +118,27 @@ def test_a_folder_without_generation_config_gets_the_same_bos_in_tune_routers_an
         logits = model(input_ids=ids).logits[0, :-1]
     want = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
     assert abs(mean_token_loss(model, bare, ["12+34=46"]) - want) < 1e-5
+
+
+def test_max_length_names_the_rows_it_drops_and_the_answers_it_cuts(tmp_path, capsys):
+    from mixcli_moe._train import load_texts, tokenize
+    from mixcli_moe.tune import TuneSettings
+
+    rows = [{"prompt": "1+1=", "answer": "2"},        # <s> + 5 + </s> = 7 tokens: fits in 8
+            {"prompt": "1234567=", "answer": "8"},    # the prompt alone is <s> + 8 = 9 tokens: dropped
+            {"prompt": "12+3=", "answer": "45"},      # 9 tokens: cut to 8, the answer loses its EOS
+            {"prompt": "9-3=", "answer": "6"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = TuneSettings(data="rows.jsonl", max_length=8)
+    tok = tiny_models.tokenizer()
+    sequences = tokenize(tok, load_texts(settings, tmp_path), settings)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert sequences == [([1] + ids("1+1=2") + [2], 5), ([1] + ids("12+3=45"), 6), ([1] + ids("9-3=6") + [2], 5)]
+    warning = " ".join(capsys.readouterr().err.split())
+    assert warning.count("warning:") == 1
+    assert ("warning: [tune] data: max_length = 8: 1 of 4 rows dropped, their prompt alone has 8 tokens or more: "
+            "rows.jsonl row 2; 1 of 4 rows cut to 8 tokens, their answer (or text) loses its end and EOS: "
+            "rows.jsonl row 3") in warning
+    settings = TuneSettings(data="rows.jsonl", max_length=16)
+    tokenize(tok, load_texts(settings, tmp_path), settings)
+    assert "max_length" not in capsys.readouterr().err

@@ -53,17 +53,45 @@ def tokenize(tokenizer, rows, settings, generation_config=None) -> list[tuple[li
     """(token ids, index of the first token the loss counts) per row, with BOS and EOS as the
     model expects them (:mod:`mixcli.tokens`); rows of one token are dropped, rows the model
     would read differently from its training text are named in a warning. A row with a
-    prompt (answer-only loss) starts its loss after the prompt's tokens (tokenised alone)."""
+    prompt (answer-only loss) starts its loss after the prompt's tokens (tokenised alone).
+    Rows longer than ``max_length`` are cut to it (their EOS lost); a row whose prompt alone
+    reaches ``max_length`` is dropped (nothing of its answer is left); one warning names both."""
     from mixcli import tokens
 
     marks = tokens.specials(tokenizer, generation_config)
     texts = [text for text, _, _ in rows]
-    ids = [tokens.encode(tokenizer, text, marks, eos=True, max_length=settings.max_length) for text in texts]
-    tokens.warn_surprises(tokenizer, texts, ids, "[tune] data", [name for _, _, name in rows])
-    starts = [1 if prompt is None else max(1, len(tokens.encode(tokenizer, prompt, marks,
-                                                                max_length=settings.max_length)))
+    names = [name for _, _, name in rows]
+    full = [tokens.encode(tokenizer, text, marks, eos=True) for text in texts]
+    tokens.warn_surprises(tokenizer, texts, full, "[tune] data", names)
+    starts = [1 if prompt is None else max(1, len(tokens.encode(tokenizer, prompt, marks)))
               for _, prompt, _ in rows]
-    return [(seq, start) for seq, start in zip(ids, starts) if len(seq) > start]
+    limit = settings.max_length
+    kept, dropped, cut = [], [], []
+    for (_, prompt, name), seq, start in zip(rows, full, starts):
+        if limit and len(seq) > limit:
+            (dropped if prompt is not None and start >= limit else cut).append(name)
+            seq = seq[:limit]
+        if len(seq) > start:
+            kept.append((seq, start))
+    _warn_cut(limit, len(rows), dropped, cut)
+    return kept
+
+
+def _warn_cut(limit: int, total: int, dropped: list[str], cut: list[str], shown: int = 3) -> None:
+    from mixcli.errors import warn
+
+    def named(found):
+        return ", ".join(found[:shown]) + (f" (and {len(found) - shown} more)" if len(found) > shown else "")
+
+    parts = []
+    if dropped:
+        parts.append(f"{len(dropped)} of {total} rows dropped, their prompt alone has {limit} tokens or more: "
+                     + named(dropped))
+    if cut:
+        parts.append(f"{len(cut)} of {total} rows cut to {limit} tokens, their answer (or text) loses its end "
+                     "and EOS: " + named(cut))
+    if parts:
+        warn(f"[tune] data: max_length = {limit}: " + "; ".join(parts))
 
 
 def batch_tensors(sequences: list[tuple[list[int], int]], pad: int):
