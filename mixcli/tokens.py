@@ -96,6 +96,32 @@ def encode(tokenizer, text: str, marks: Specials, *, eos: bool = False, max_leng
     return ids[:max_length] if max_length else ids
 
 
+def encode_answer(tokenizer, prompt: str, answer: str, marks: Specials, *, eos: bool = True) -> tuple[list[int], int]:
+    """(ids of ``prompt + answer`` as :func:`encode` gives them, index of the first token holding
+    a character of the answer). BPE and SentencePiece tokenizers merge across the seam (a prompt
+    ending in a space, ``'hel' + 'lo world'``), so the prompt tokenised alone would put the
+    start in the wrong place: a fast tokenizer's offsets of the whole text say where the answer
+    starts; any other tokenizer encodes the prompt and the answer apart and joins the ids."""
+    bos_id = tokenizer.bos_token_id
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = list(enc["input_ids"]), list(enc["offset_mapping"])
+        while ids and bos_id is not None and ids[0] == bos_id:
+            ids, spans = ids[1:], spans[1:]
+        start = next((i for i, (_, end) in enumerate(spans) if end > len(prompt)), len(ids))
+    else:
+        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        while ids and bos_id is not None and ids[0] == bos_id:
+            ids = ids[1:]
+        start = len(ids)
+        ids += list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if marks.bos is not None:
+        ids, start = [marks.bos] + ids, start + 1
+    if eos and marks.eos is not None and (not ids or ids[-1] != marks.eos):
+        ids.append(marks.eos)
+    return ids, start
+
+
 def pad_id(tokenizer) -> int:
     """The id padded positions get (masked out, so any id does)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):

@@ -142,3 +142,42 @@ def test_max_length_names_the_rows_it_drops_and_the_answers_it_cuts(tmp_path, ca
     settings = TuneSettings(data="rows.jsonl", max_length=16)
     tokenize(tok, load_texts(settings, tmp_path), settings)
     assert "max_length" not in capsys.readouterr().err
+
+
+def bpe_tokenizer():
+    """A small byte-level BPE tokenizer trained here (tokenizers library, nothing downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["hello world", "say hi there", "Q: say hi", "hello hello world"] * 50, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def test_answer_only_loss_covers_exactly_the_answer_tokens_across_a_merged_seam(tmp_path):
+    from mixcli_moe._train import batch_tensors, load_texts, tokenize
+    from mixcli_moe.tune import TuneSettings
+
+    tok = bpe_tokenizer()
+    backend = tok.backend_tokenizer
+    pairs = [("hel", "lo world"), ("Q: say ", "hi there"), ("hello", " world")]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
+    settings = TuneSettings(data="rows.jsonl")
+    marks = tokens.Specials(tok.bos_token_id, tok.eos_token_id)
+    sequences = tokenize(tok, load_texts(settings, tmp_path), settings, {"bos_token_id": tok.bos_token_id})
+    _, _, labels = batch_tensors(sequences, 0)
+    merged = 0
+    for (prompt, answer), (seq, _), row in zip(pairs, sequences, labels):
+        encoding = backend.encode(prompt + answer, add_special_tokens=False)
+        # the answer's tokens: those whose bytes include a character of the answer
+        answer_tokens = [i for i, (_, end) in enumerate(encoding.offsets) if end > len(prompt)]
+        assert seq == [tok.bos_token_id] + encoding.ids + [tok.eos_token_id]
+        want = [-100] * (1 + answer_tokens[0]) + encoding.ids[answer_tokens[0]:] + [tok.eos_token_id]
+        assert row[:len(seq)].tolist() == want, (prompt, answer, encoding.tokens)
+        assert tok.decode(encoding.ids[answer_tokens[0]:]).endswith(answer)
+        merged += len(backend.encode(prompt, add_special_tokens=False).ids) != answer_tokens[0]
+    assert merged == 2  # 'hel'+'lo' and the trailing space merge across the seam; 'hello'+' world' does not
+    assert tokens.encode_answer(tok, "hel", "lo world", marks)[1] == 1

@@ -53,7 +53,8 @@ def tokenize(tokenizer, rows, settings, generation_config=None) -> list[tuple[li
     """(token ids, index of the first token the loss counts) per row, with BOS and EOS as the
     model expects them (:mod:`mixcli.tokens`); rows of one token are dropped, rows the model
     would read differently from its training text are named in a warning. A row with a
-    prompt (answer-only loss) starts its loss after the prompt's tokens (tokenised alone).
+    prompt (answer-only loss) starts its loss at the first token holding a character of the
+    answer (:func:`mixcli.tokens.encode_answer`).
     Rows longer than ``max_length`` are cut to it (their EOS lost); a row whose prompt alone
     reaches ``max_length`` is dropped (nothing of its answer is left); one warning names both."""
     from mixcli import tokens
@@ -61,10 +62,15 @@ def tokenize(tokenizer, rows, settings, generation_config=None) -> list[tuple[li
     marks = tokens.specials(tokenizer, generation_config)
     texts = [text for text, _, _ in rows]
     names = [name for _, _, name in rows]
-    full = [tokens.encode(tokenizer, text, marks, eos=True) for text in texts]
+    full, starts = [], []
+    for text, prompt, _ in rows:
+        if prompt is None:
+            seq, start = tokens.encode(tokenizer, text, marks, eos=True), 1
+        else:
+            seq, start = tokens.encode_answer(tokenizer, prompt, text[len(prompt):], marks)
+        full.append(seq)
+        starts.append(max(1, start))
     tokens.warn_surprises(tokenizer, texts, full, "[tune] data", names)
-    starts = [1 if prompt is None else max(1, len(tokens.encode(tokenizer, prompt, marks)))
-              for _, prompt, _ in rows]
     limit = settings.max_length
     kept, dropped, cut = [], [], []
     for (_, prompt, name), seq, start in zip(rows, full, starts):
