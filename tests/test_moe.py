@@ -419,7 +419,7 @@ def tuned(tmp_path_factory, llama_family):
     project = merge_project(folder, llama_family, gate_mode="hidden", modules=["mlp", "q_proj"],
                             tune=TUNE.format(data=tune_data(folder)))
     run("merge", project)
-    run("tune", project, "--out", folder / "one")
+    (folder / "one.out").write_text(run("tune", project, "--out", folder / "one").output)
     return folder, project
 
 
@@ -432,6 +432,8 @@ def test_tuning_changes_only_the_routers(tuned):
     log = json.loads((folder / "one" / "tune_log.json").read_text())
     assert log["trainable_parameters"] == (4 + 4) * 3 * 64  # (MLP + q routers) * E * H
     assert len(log["history"]) == 4 and log["before"]["load"]["mlp"][0]
+    assert (f"(held-out CE {log['before']['ce']:.4f} -> {log['after']['ce']:.4f}, "
+            f"aux {log['before']['aux']:.4f} -> {log['after']['aux']:.4f})") in (folder / "one.out").read_text()
     assert (folder / "one" / "tune_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((folder / "one" / "config.json").read_text())["router_aux_loss_coef"] == 0.01
     assert len(generate(folder / "one")) == 20
@@ -469,8 +471,13 @@ def test_answer_only_loss_counts_answer_tokens_only(tuned):
     tune = f'[tune]\ndata = "{data}"\nsteps = 1\nbatch_size = {len(rows)}\nlr = 0.01\neval_fraction = 0.0\n' \
            'answer_only = true\n'
     project = write_project(folder, (folder / "project.toml").read_text().split("[tune]")[0] + tune, "answer.toml")
-    run("tune", project, "--model", folder / "out", "--out", folder / "answer")
-    logged = json.loads((folder / "answer" / "tune_log.json").read_text())["history"][0]["ce"]
+    result = run("tune", project, "--model", folder / "out", "--out", folder / "answer")
+    history = json.loads((folder / "answer" / "tune_log.json").read_text())["history"]
+    logged = history[0]["ce"]
+    # nothing held out: the message says its CE figures are the first and last training batch's
+    assert (f"(CE of the first -> last training batch {history[0]['ce']:.4f} -> {history[-1]['ce']:.4f}, "
+            f"aux {history[0]['aux']:.4f} -> {history[-1]['aux']:.4f}; nothing held out (eval_fraction = 0))") \
+        in " ".join(result.output.split())
     tok = transformers.AutoTokenizer.from_pretrained(folder / "out")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder / "out").eval()
     total, count = 0.0, 0

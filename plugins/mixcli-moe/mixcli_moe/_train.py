@@ -273,4 +273,5 @@ def _train(source: Path, target: Path, settings, project, world, cuda: bool, for
     from ._save import save_tuned
 
     save_tuned(source, target, model, trainable, settings, log, project, force)
-    return {"output": target, "before": before or history[0], "after": after or history[-1]}
+    return {"output": target, "before": before or history[0], "after": after or history[-1],
+            "held_out": bool(held_out)}

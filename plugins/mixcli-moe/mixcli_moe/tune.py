@@ -144,6 +144,10 @@ def tune_command(project, model, out, force, no_progress):
     result = train(Path(source), Path(target), settings, proj, force=force,
                    progress=not no_progress)
     if result is not None:
-        click.echo(f"wrote {result['output']} (CE {result['before']['ce']:.4f} -> {result['after']['ce']:.4f}, "
-                   f"aux {result['before']['aux']:.4f} -> {result['after']['aux']:.4f})")
+        b, a = result["before"], result["after"]
+        # without held-out rows the two figures are of two different training batches: say so
+        what = "held-out CE" if result["held_out"] else "CE of the first -> last training batch"
+        tail = "" if result["held_out"] else "; nothing held out (eval_fraction = 0)"
+        click.echo(f"wrote {result['output']} ({what} {b['ce']:.4f} -> {a['ce']:.4f}, "
+                   f"aux {b['aux']:.4f} -> {a['aux']:.4f}{tail})")
 
