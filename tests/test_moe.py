@@ -510,6 +510,15 @@ def test_balance_loss_matches_transformers():
 
 # ---------------------------------------------------------------- mistakes: one line, before any read
 
+def test_random_routers_need_a_positive_scale(tmp_path, llama_family):
+    # scale = 0 would give all-zero routers: every expert equally weighted, nothing to break the tie
+    project = merge_project(tmp_path, llama_family, experts=("ft1", "ft2"), gate_mode="random", scale=0.0)
+    fails(project, "project.toml: [method]: parameter 'scale' must be > 0.0, got 0.0")
+    project = write_project(tmp_path, f'[models]\ndense = "{llama_family["base"]}"\n[method]\nname = "moe_upcycle"\n'
+                                      'gate_mode = "random"\nscale = 0.0\n[output]\npath = "out"\n', "up.toml")
+    fails(project, "up.toml: [method]: parameter 'scale' must be > 0.0, got 0.0")
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path, llama_family):
     project = merge_project(tmp_path, llama_family, experts=("ft1", "ft2"), gate_mode="random", experts_per_token=3)
     fails(project, "project.toml: [method]: experts_per_token (3) is larger than the number of experts (2)")

@@ -39,7 +39,8 @@ class Params:
     experts_per_token: int = param(2, help="experts each token is routed to (k)", min=1)
     gate_mode: str = param("hidden", help="router initialisation (see the mixcli-moe README)", choices=GATE_MODES)
     scale: float = param(RANDOM_SCALE, help="std of gate_mode = \"random\" routers, N(0, scale^2) (Llama's "
-                         "initializer_range); 1.0 is mergekit's N(0, 1) draw", min=0.0)
+                         "initializer_range); 1.0 is mergekit's N(0, 1) draw", min=0.0,
+                         min_exclusive=True)
     hidden_source: str = param("router_input", help="hidden modes: read the states each router sees "
                                "(router_input: the MLP input after post_attention_layernorm, the attention "
                                "input for q/k/v) or the residual stream entering the layer (residual: "

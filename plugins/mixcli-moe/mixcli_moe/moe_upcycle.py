@@ -35,7 +35,8 @@ class Params:
                            "seeded draw times scale) or uniform_random (U(-1/sqrt(H), 1/sqrt(H)))",
                            choices=("random", "uniform_random"))
     scale: float = param(RANDOM_SCALE, help="std of gate_mode = \"random\" routers (Llama's initializer_range); "
-                         "1.0 is mergekit's N(0, 1) draw", min=0.0)
+                         "1.0 is mergekit's N(0, 1) draw", min=0.0,
+                         min_exclusive=True)
     modules: list = param(["mlp"], help="what becomes experts: mlp, q_proj, k_proj, v_proj, o_proj")
     layers: list = param([], help="layers to mix (default all); others keep a dense MLP / projections")
     noise_scale: float = param(0.0, help="std of the seeded Gaussian noise added to each expert's MLP", min=0.0)
