@@ -16,13 +16,19 @@ def check_search(project, method, registry) -> None:
     from .search import plan_search
 
     plan = plan_search(project, method, registry)
-    first = plan.genome.decode(plan.genome.initial())
-    if first is None:  # a layer path outside the length limits: nothing to plan
-        return
-    try:  # the recipes the search writes plan like any project
-        prepare(project.file.resolve().parent / "candidate.toml", recipe_text(first))
-    except MixcliError as error:
-        raise MixcliError(f"{project.where}: [search] the first candidate's recipe is invalid: {error}") from None
+    if plan.settings.space == "both":
+        from .both import first_recipes
+
+        firsts = first_recipes(plan)
+    else:
+        firsts = [plan.genome.decode(plan.genome.initial())]
+    for first in firsts:
+        if first is None:  # a layer path outside the length limits: nothing to plan
+            continue
+        try:  # the recipes the search writes plan like any project
+            prepare(project.file.resolve().parent / "candidate.toml", recipe_text(first))
+        except MixcliError as error:
+            raise MixcliError(f"{project.where}: [search] the first candidate's recipe is invalid: {error}") from None
 
 
 SECTION = mixcli.ProjectSection(name="search", summary="evolutionary recipe search (mixcli evolve)",

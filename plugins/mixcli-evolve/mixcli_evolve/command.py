@@ -28,8 +28,13 @@ def evolve(project, out, resume, force, no_save, no_progress):
     if outcome.stopped:
         from mixcli.progress import console
 
+        from .both import PHASE_FOLDER
+
+        best = outcome.folder / "best.toml"
+        if outcome.phases and "layers" not in outcome.phases:  # space = "both", in its parameter search
+            best = outcome.folder / PHASE_FOLDER / "best.toml"
         console(stderr=True).print(f"stopped after {outcome.evaluations} evaluations; the record and "
-                                   f"{outcome.folder / 'best.toml'} are intact: continue with "
+                                   f"{best} are intact: continue with "
                                    f"`mixcli evolve {project} --resume{f' --out {out}' if out else ''}`", soft_wrap=True, markup=False)
         click.get_current_context().exit(130)
     finish(outcome, plan, save=not no_save, show_progress=not no_progress)

@@ -85,12 +85,25 @@ def finish(outcome, plan, save: bool = True, show_progress: bool = True, say=Non
     top = top_entries(outcome.entries)
     report.update(best={k: best[k] for k in ("evaluation", "recipe", "fitness", "metrics", "genotype")},
                   report=rows, top=[{k: e[k] for k in ("evaluation", "recipe", "fitness", "metrics")} for e in top])
+    plotted = outcome.entries
+    if outcome.phases:  # space = "both": each search's summary; the chart runs through both
+        report["phases"] = {name: {"evaluations": phase.evaluations, "budget": plan.phases[n].settings.budget,
+                                   "best": None if phase.best is None else
+                                   {k: phase.best[k] for k in ("evaluation", "recipe", "fitness")}}
+                            for n, (name, phase) in enumerate(outcome.phases.items())}
+        first = outcome.phases["parameters"]
+        plotted = first.entries + [dict(e, evaluation=e["evaluation"] + first.evaluations) for e in outcome.entries]
     write_atomically(folder / "report.json", json.dumps(report, indent=2, default=float) + "\n")
-    plot(outcome.entries, folder / "fitness.png", f"mixcli evolve {project.file.name}")
+    plot(plotted, folder / "fitness.png", f"mixcli evolve {project.file.name}")
 
     from rich.table import Table
 
-    table = Table(title=f"top recipes ({outcome.evaluations} evaluations of {plan.settings.budget})")
+    title = f"top recipes ({outcome.evaluations} evaluations of {plan.settings.budget})"
+    if outcome.phases:
+        first = outcome.phases["parameters"].best
+        title = (f"top recipes of the layer search ({outcome.evaluations} evaluations of {plan.settings.budget} in "
+                 f"both searches; the parameter search's best: {first['fitness']:.4f})")
+    table = Table(title=title)
     for column in ("rank", "evaluation", "fitness", "recipe", *[f"{t.evaluator} {t.metric}" for t in plan.settings.fitness]):
         table.add_column(column)
     for rank, entry in enumerate(top, 1):

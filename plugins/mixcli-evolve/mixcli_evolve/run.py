@@ -43,12 +43,15 @@ def evolve_project(path: Path, resume: bool = False, force: bool = False, show_p
 
     project, method, registry, plan = load(Path(path), out)
     folder = Path(project.output_path)
-    replay = prepare_folder(folder, plan, resume, force)
+    both = plan.settings.space == "both"
+    replay = None if both else prepare_folder(folder, plan, resume, force)
     settings = plan.settings
     say = say or (lambda text: console(stderr=True).print(text, soft_wrap=True, markup=False))
     if show_progress:
-        say(f"evolving {project.where}: {settings.space} space, {plan.genome.dimension} genes, population "
-            f"{plan.popsize}, budget {settings.budget} evaluations, {settings.executor} executor")
+        phases = plan.phases if both else (plan,)
+        say(f"evolving {project.where}: " + ", then ".join(
+            f"{p.settings.space} space, {p.genome.dimension} genes, population {p.popsize}, budget "
+            f"{p.settings.budget} evaluations" for p in phases) + f", {settings.executor} executor")
     setup = fitness_setup(plan)
     bar = progress("evolving", settings.budget, "evaluations", enabled=show_progress)
     started = time.monotonic()
@@ -63,7 +66,12 @@ def evolve_project(path: Path, resume: bool = False, force: bool = False, show_p
     executor = make_executor(settings, setup)
     try:
         with bar:
-            outcome = run(plan, folder, executor, setup, replay, progress=update, say=say)
+            if both:
+                from .both import evolve_both
+
+                outcome = evolve_both(plan, folder, executor, setup, resume, force, progress=update, say=say)
+            else:
+                outcome = run(plan, folder, executor, setup, replay, progress=update, say=say)
     finally:
         executor.close()
     outcome.seconds = time.monotonic() - started

@@ -37,10 +37,11 @@ class SearchPlan:
     settings: SearchSettings
     genome: Genome
     popsize: int
+    phase: dict | None = None  # space = "both": which of its two searches this is
 
     def header(self) -> dict:
         s = self.settings
-        return {"search": 1, "space": s.space, "method": s.method, "models": s.models, "genes": list(s.genes),
+        return {"search": 1, **(self.phase or {}), "space": s.space, "method": s.method, "models": s.models, "genes": list(s.genes),
                 "shape": list(self.genome.shape), "dimension": self.genome.dimension, "popsize": self.popsize,
                 "sigma0": s.sigma0, "seed": s.seed, "strategy": s.strategy, "random_init": s.random_init,
                 "fitness": [{"evaluator": t.evaluator, "metric": t.metric, "weight": t.weight, **t.params}
@@ -53,6 +54,10 @@ def plan_search(project, method, registry) -> SearchPlan:
     from mixcli.core import open_model
 
     settings = parse_search(project, method, registry)
+    if settings.space == "both":
+        from .both import plan_both
+
+        return plan_both(project, method, registry, settings)
     layers = {}
     for name in settings.models + ([settings.base] if settings.base and settings.space != "layers" else []):
         layers[name] = open_model(project.models[name], registry).num_layers
@@ -80,6 +85,7 @@ class Outcome:
     evaluations: int
     folder: Path
     recipes: dict = field(default_factory=dict)  # recipe hash -> recipe, of this run's candidates
+    phases: dict = field(default_factory=dict)  # space = "both": phase name -> that search's Outcome
 
 
 class _StopAfterCandidate:
@@ -187,8 +193,9 @@ def prepare_folder(folder: Path, plan: SearchPlan, resume: bool, force: bool) ->
 
 
 def run(plan: SearchPlan, folder: Path, executor, setup: FitnessSetup, replay: list[dict],
-        progress=None, say=print) -> Outcome:
-    """Search until the budget is spent (or Ctrl-C); every candidate is appended to the record."""
+        progress=None, say=print, render=recipe_text) -> Outcome:
+    """Search until the budget is spent (or Ctrl-C); every candidate is appended to the record.
+    ``render(recipe, note)`` is the text of ``best.toml`` for a recipe."""
     import numpy as np
 
     from mixcli.plugins import get_registry
@@ -226,7 +233,7 @@ def run(plan: SearchPlan, folder: Path, executor, setup: FitnessSetup, replay: l
             if not entry.get("cached"):
                 note = (f"the best recipe of `mixcli evolve {plan.project.file.name}`: fitness {fitness!r} at "
                         f"evaluation {entry['evaluation']} (recipe {entry['recipe']}); `mixcli merge` it")
-                write_atomically(folder / BEST_RECIPE, recipe_text(recipe, note))
+                write_atomically(folder / BEST_RECIPE, render(recipe, note))
         if progress is not None:
             progress(entry, best, generation)
 

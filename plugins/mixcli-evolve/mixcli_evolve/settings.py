@@ -21,7 +21,8 @@ NORMALIZED = ("ties", "dare_ties", "linear")  # normalize defaults to true for t
 KEYS = ("space", "models", "layer_granularity", "normalize", "allow_negative_weights", "filters", "smooth",
         "random_init", "dtype", "sigma0", "popsize", "budget", "seed", "strategy", "executor", "workers",
         "ray_address", "device", "fitness", "allow_test_split", "repeats", "min_path_length", "max_path_length",
-        "scales", "embed_from", "head_from")
+        "scales", "embed_from", "head_from", "both_split")
+PS_MODEL = "parameters"  # space = "both": the layer phase's name for the parameter phase's best model
 FITNESS_KEYS = ("evaluator", "metric", "weight")
 _TEST_WORD = re.compile(r"(^|[^a-z])test([^a-z]|$)")
 
@@ -69,6 +70,7 @@ class SearchSettings:
     scales: str
     embed_from: str | None
     head_from: str | None
+    both_split: float = 0.5  # space = "both": the parameter phase's share of the budget
     where: str = "[search]"
     extra: dict = field(default_factory=dict)
 
@@ -111,9 +113,6 @@ def parse_search(project, method, registry) -> SearchSettings:
         if key not in KEYS:
             raise MixcliError(f"{where}: unknown key '{key}'{closest(key, KEYS)}")
     space = _choice(table, "space", "parameters", SPACES, where)
-    if space == "both":
-        raise MixcliError(f"{where} space = \"both\" is not available yet: search the parameters, then search "
-                          "layers over the best model (its model/ folder) and the sources in a second project")
     if "budget" not in table:
         raise MixcliError(f"{where} budget is missing; give the most fitness evaluations the search may "
                           "use, e.g. budget = 100")
@@ -121,6 +120,10 @@ def parse_search(project, method, registry) -> SearchSettings:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise MixcliError(f"{where} budget must be a whole number of evaluations >= 1, got {budget!r}")
 
+    both_split = _both_split(table, space, budget, where)
+    if space == "both" and PS_MODEL in project.models:
+        raise MixcliError(f"{project.models[PS_MODEL].where}: the name '{PS_MODEL}' is what space = \"both\" "
+                          "calls the parameter search's model in the layer search; rename this model")
     models = table.get("models")
     if models is None:
         models = [m for m in project.models if m != project.base]
@@ -206,12 +209,33 @@ def parse_search(project, method, registry) -> SearchSettings:
         repeats=_int(table, "repeats", 1, where, 1), min_path_length=_int(table, "min_path_length", 1, where, 1),
         max_path_length=_int(table, "max_path_length", None, where, 1),
         scales=_choice(table, "scales", "pair", SCALES, where), embed_from=model_or_none("embed_from"),
-        head_from=model_or_none("head_from"), where=where)
+        head_from=model_or_none("head_from"), both_split=both_split, where=where)
     if settings.max_path_length is not None and settings.max_path_length < settings.min_path_length:
         raise MixcliError(f"{where} max_path_length {settings.max_path_length} is below min_path_length "
                           f"{settings.min_path_length}")
     settings.fitness = _fitness(table, project, registry, where, allow_test)
     return settings
+
+
+def _both_split(table: dict, space: str, budget: int, where: str) -> float:
+    if "both_split" in table and space != "both":
+        raise MixcliError(f"{where} both_split applies only to space = \"both\" (the share of the budget the "
+                          "parameter search gets); remove it")
+    split = table.get("both_split", 0.5)
+    if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1:
+        raise MixcliError(f"{where} both_split must be a number between 0 and 1 (exclusive), the parameter "
+                          f"search's share of the budget, got {split!r}")
+    if space == "both" and budget < 2:
+        raise MixcliError(f"{where} budget {budget} is too small for space = \"both\": each of its two searches "
+                          "needs at least 1 evaluation; give budget >= 2")
+    return float(split)
+
+
+def phase_budgets(settings: SearchSettings) -> tuple[int, int]:
+    """space = "both": the parameter search's ⌊budget · both_split⌋ evaluations and the layer
+    search's rest, each at least 1; together exactly ``budget``."""
+    first = min(max(int(settings.budget * settings.both_split), 1), settings.budget - 1)
+    return first, settings.budget - first
 
 
 def _fitness(table: dict, project, registry, where: str, allow_test: bool) -> list[FitnessTerm]:
