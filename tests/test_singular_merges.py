@@ -176,3 +176,35 @@ path = "out"
     scale = kwargs.get("alpha", kwargs.get("scaling_factor"))
     torch.testing.assert_close(delta, scale * mean, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(tiny_models.logits(tmp_path / "out")).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_the_mean_path_runs_in_chunks_with_the_bits_of_the_whole_tensor_arithmetic(dtype):
+    # tensors the SVD rule does not take (embeddings, norms, excluded names) merge by the mean
+    # task vector; it is computed a chunk at a time, so an embedding's float32 task vectors are
+    # never held whole, and every element must still be the whole-tensor formula's
+    from mixcli.svd import working
+    from mixcli_merge import iso_c, iso_cts, tsv_merge
+
+    g = torch.Generator().manual_seed(4)
+    shape = (700, 1000)  # more elements than one chunk
+    base = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    xs = [(base.double() + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype) for _ in range(3)]
+    weights = [0.5, 1.0, 0.25]
+    w0 = working(base)
+
+    def whole(coefficient, weights=None):
+        taus = [working(x) - w0 for x in xs]
+        if weights is not None:
+            taus = [t if w == 1.0 else t * w for t, w in zip(taus, weights)]
+        total = torch.zeros_like(taus[0])
+        for t in taus:
+            total += t
+        return w0 + (total / len(taus)) * coefficient
+
+    got = tsv_merge.tsv_merge(xs, base, alpha=0.7, weight=weights, decompose=False, name="e")
+    assert got.dtype == w0.dtype and torch.equal(got, whole(0.7, weights))
+    assert torch.equal(iso_c.iso_c(xs, base, scaling_factor=1.3, exclude_keys=("e",), name="e"), whole(1.3))
+    assert torch.equal(iso_cts.iso_cts(xs, base, scaling_factor=1.0, decompose=False), whole(1.0))
+    vector = tsv_merge.tsv_merge([x[0] for x in xs], base[0], alpha=1.0, name="norm")  # 1-D: always the mean
+    assert torch.equal(vector, (w0[0] + sum((working(x[0]) - w0[0] for x in xs), torch.zeros_like(w0[0])) / 3))

@@ -8,7 +8,7 @@ import dataclasses
 from mixcli import MergeMethod, param
 from mixcli.svd import kept, thin_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean, task_vectors,
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, task_vectors,
                         working_memory)
 from ._torch import torch
 
@@ -29,9 +29,9 @@ def iso_c_delta(total):
 
 
 def iso_c(tensors, base, *, scaling_factor=1.0, exclude_keys=(), decompose=True, name=None):
-    taus = task_vectors(tensors, base)
     if not is_matrix(base, name, exclude_keys, decompose):
-        return finish(base, mean(taus), scaling_factor)
+        return mean_merged(tensors, base, scaling_factor)
+    taus = task_vectors(tensors, base)
     total = taus[0].clone()
     for tau in taus[1:]:
         total += tau

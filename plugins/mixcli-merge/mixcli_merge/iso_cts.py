@@ -9,7 +9,7 @@ import dataclasses
 from mixcli import MergeMethod, MixcliError, param
 from mixcli.svd import kept, thin_svd, truncated_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean, orthogonalised,
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, orthogonalised,
                         task_vectors, working_memory)
 from ._torch import torch
 
@@ -50,9 +50,9 @@ def iso_cts_delta(taus: list, common: int, per_task: int):
 
 def iso_cts(tensors, base, *, scaling_factor=1.0, common_space_fraction=0.8, exclude_keys=(),
             decompose=True, name=None):
-    taus = task_vectors(tensors, base)
     if not is_matrix(base, name, exclude_keys, decompose):
-        return finish(base, mean(taus), scaling_factor)
+        return mean_merged(tensors, base, scaling_factor)
+    taus = task_vectors(tensors, base)
     common, per_task = subspace_sizes(min(base.shape), len(taus), common_space_fraction)
     if common < 0:
         raise MixcliError(f"common_space_fraction = {common_space_fraction} leaves a common subspace of "

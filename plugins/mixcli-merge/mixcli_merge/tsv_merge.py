@@ -10,7 +10,7 @@ from mixcli import MergeMethod, param
 from mixcli.errors import warn
 from mixcli.svd import kept, rank_per_task, truncated_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean, orthogonalised,
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, orthogonalised,
                         task_vectors, working_memory)
 from ._torch import torch
 
@@ -32,9 +32,9 @@ def tsv_delta(taus: list, k: int):
 
 def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompose=True, name=None):
     weights = weight if isinstance(weight, (list, tuple)) else [weight] * len(tensors)
-    taus = task_vectors(tensors, base, weights)
     if not is_matrix(base, name, exclude_keys, decompose):
-        return finish(base, mean(taus), alpha)
+        return mean_merged(tensors, base, alpha, weights)
+    taus = task_vectors(tensors, base, weights)
     k = rank_per_task(min(base.shape), len(taus))
     if k == 0:
         warn(f"tensor '{name}': tsv_merge keeps int({min(base.shape)}/{len(taus)}) = 0 components per task; "
