@@ -104,9 +104,9 @@ def test_a_folder_without_generation_config_gets_the_same_bos_in_tune_routers_an
     assert bare("ab")["input_ids"][0] != 1  # the saved tokenizer adds no BOS by itself
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     assert model.generation_config.bos_token_id == 1  # what transformers (and generate) use
+    assert specials_of(SimpleNamespace(path=folder, name="base"), bare) == tokens.Specials(1, 2)
     assert tokens.generation_settings(folder) == {"bos_token_id": 1, "eos_token_id": 2}
     assert tokens.model_specials(bare, model) == tokens.Specials(1, 2)
-    assert specials_of(SimpleNamespace(path=folder, name="base"), bare) == tokens.Specials(1, 2)
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "12+34=46"}) + "\n" + json.dumps({"text": "ab"}) + "\n")
     settings = TuneSettings(data="rows.jsonl")
     sequences = tokenize(bare, load_texts(settings, tmp_path), settings, tokens.generation_settings(folder))
@@ -181,3 +181,42 @@ def test_answer_only_loss_covers_exactly_the_answer_tokens_across_a_merged_seam(
         merged += len(backend.encode(prompt, add_special_tokens=False).ids) != answer_tokens[0]
     assert merged == 2  # 'hel'+'lo' and the trailing space merge across the seam; 'hello'+' world' does not
     assert tokens.encode_answer(tok, "hel", "lo world", marks)[1] == 1
+
+
+class PairTokenizer(transformers.PythonBackend):
+    """A slow (Python) tokenizer that reads 'lo' as one token and every other character alone."""
+
+    def __init__(self, **kwargs):
+        self.vocab = {t: i for i, t in enumerate(["<s>", "</s>", "lo", *"helowrd "])}
+        super().__init__(bos_token="<s>", eos_token="</s>", **kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def _tokenize(self, text, **kwargs):
+        out, i = [], 0
+        while i < len(text):
+            step = 2 if text[i:i + 2] == "lo" else 1
+            out.append(text[i:i + step])
+            i += step
+        return out
+
+    def _convert_token_to_id(self, token):
+        return self.vocab[token]
+
+    def _convert_id_to_token(self, index):
+        return {v: k for k, v in self.vocab.items()}[index]
+
+
+def test_a_slow_tokenizer_encodes_prompt_and_answer_apart():
+    tok = PairTokenizer()
+    assert not tok.is_fast
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids("hel") == [3, 4, 5] and ids("lo world")[0] == 2  # 'hel' + 'lo': the seam is kept
+    seq, start = tokens.encode_answer(tok, "hel", "lo world", tokens.Specials(0, 1))
+    assert seq == [0] + ids("hel") + ids("lo world") + [1] and start == 4
+    assert "".join(tok.convert_ids_to_tokens(seq[start:-1])) == "lo world"
