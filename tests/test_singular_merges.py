@@ -208,3 +208,37 @@ def test_the_mean_path_runs_in_chunks_with_the_bits_of_the_whole_tensor_arithmet
     assert torch.equal(iso_cts.iso_cts(xs, base, scaling_factor=1.0, decompose=False), whole(1.0))
     vector = tsv_merge.tsv_merge([x[0] for x in xs], base[0], alpha=1.0, name="norm")  # 1-D: always the mean
     assert torch.equal(vector, (w0[0] + sum((working(x[0]) - w0[0] for x in xs), torch.zeros_like(w0[0])) / 3))
+
+
+@pytest.mark.parametrize("method", ["tsv_merge", "iso_c", "iso_cts"])
+def test_computed_into_the_output_file_the_merge_has_the_bits_of_the_function(method, tmp_path, llama_family):
+    # the engine hands these methods the output file's memory (accepts_out): every tensor,
+    # through the SVD rule or the mean, must equal the function's result rounded once
+    from click.testing import CliRunner
+
+    import tiny_models
+    from mixcli.cli import cli
+    from mixcli.plugins import get_registry
+
+    project = tmp_path / "project.toml"
+    project.write_text(f'[models]\nbase = "{llama_family["base"]}"\nft1 = "{llama_family["ft1"]}"\n'
+                       f'ft2 = "{llama_family["ft2"]}"\n[method]\nname = "{method}"\nbase = "base"\n'
+                       'dtype = "bfloat16"\n'
+                       'decompose = [{ filter = "layers.0.", value = true }, { value = false }]\n'
+                       '[output]\npath = "out"\n')
+    result = CliRunner().invoke(cli, ["merge", str(project), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    written = tiny_models.load_tensors(tmp_path / "out")
+    inputs = {n: tiny_models.load_tensors(llama_family[n]) for n in ("base", "ft1", "ft2")}
+    merge = get_registry().methods[method].merge
+    assert written and any("layers.0." in n for n in written)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the engine gives matrices this small one thread each
+    try:
+        for name, tensor in written.items():
+            base = inputs["base"][name].bfloat16()
+            xs = [inputs[m][name].bfloat16() for m in ("ft1", "ft2")]
+            want = merge(xs, base, decompose="layers.0." in name and base.dim() == 2, name=name).bfloat16()
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, want), name
+    finally:
+        torch.set_num_threads(threads)

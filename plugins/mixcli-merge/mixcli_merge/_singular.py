@@ -43,17 +43,24 @@ def mean(taus):
     return total / len(taus)
 
 
-def mean_merged(tensors, base, coefficient: float, weights=None):
+def mean_merged(tensors, base, coefficient: float, weights=None, out=None):
     """``finish(base, mean(task_vectors(tensors, base, weights)), coefficient)`` a chunk of
     elements at a time: the same arithmetic for every element, without whole float32 task
-    vectors (an embedding's are hundreds of MB each, and several are held at once)."""
+    vectors (an embedding's are hundreds of MB each, and several are held at once). Into
+    ``out`` when given (each element rounded once to its dtype, as the engine would)."""
     from .sparsify import chunks
 
-    out = torch.empty(base.shape, dtype=working(base[:0]).dtype)
+    if out is None:
+        out = torch.empty(base.shape, dtype=working(base[:0]).dtype)
     flat, w0, xs = out.view(-1), base.reshape(-1), [x.reshape(-1) for x in tensors]
     for a, b in chunks(flat.numel()):
         flat[a:b] = finish(w0[a:b], mean(task_vectors([x[a:b] for x in xs], w0[a:b], weights)), coefficient)
     return out
+
+
+def written(result, out):
+    """``result`` (working dtype), or ``out`` filled with it, rounded once."""
+    return result if out is None else out.copy_(result)
 
 
 def orthogonalised(blocks: list, like, flat: bool):

@@ -8,7 +8,7 @@ import dataclasses
 from mixcli import MergeMethod, param
 from mixcli.svd import kept, thin_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, task_vectors,
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, written, task_vectors,
                         working_memory)
 from ._torch import torch
 
@@ -28,14 +28,14 @@ def iso_c_delta(total):
     return s.mean() * (u @ vh)
 
 
-def iso_c(tensors, base, *, scaling_factor=1.0, exclude_keys=(), decompose=True, name=None):
+def iso_c(tensors, base, *, scaling_factor=1.0, exclude_keys=(), decompose=True, name=None, out=None):
     if not is_matrix(base, name, exclude_keys, decompose):
-        return mean_merged(tensors, base, scaling_factor)
+        return mean_merged(tensors, base, scaling_factor, out=out)
     taus = task_vectors(tensors, base)
     total = taus[0].clone()
     for tau in taus[1:]:
         total += tau
-    return finish(base, iso_c_delta(total), scaling_factor)
+    return written(finish(base, iso_c_delta(total), scaling_factor), out)
 
 
 METHOD = MergeMethod(
@@ -46,6 +46,7 @@ METHOD = MergeMethod(
     base="required",
     min_inputs=1,
     wants_name=True,
+    accepts_out=True,
     linear_algebra=True,
     working_memory=lambda shape, inputs: working_memory(shape, inputs, 1),
 )

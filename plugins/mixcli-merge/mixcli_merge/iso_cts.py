@@ -9,7 +9,7 @@ import dataclasses
 from mixcli import MergeMethod, MixcliError, param
 from mixcli.svd import kept, thin_svd, truncated_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, orthogonalised,
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, written, orthogonalised,
                         task_vectors, working_memory)
 from ._torch import torch
 
@@ -49,15 +49,15 @@ def iso_cts_delta(taus: list, common: int, per_task: int):
 
 
 def iso_cts(tensors, base, *, scaling_factor=1.0, common_space_fraction=0.8, exclude_keys=(),
-            decompose=True, name=None):
+            decompose=True, name=None, out=None):
     if not is_matrix(base, name, exclude_keys, decompose):
-        return mean_merged(tensors, base, scaling_factor)
+        return mean_merged(tensors, base, scaling_factor, out=out)
     taus = task_vectors(tensors, base)
     common, per_task = subspace_sizes(min(base.shape), len(taus), common_space_fraction)
     if common < 0:
         raise MixcliError(f"common_space_fraction = {common_space_fraction} leaves a common subspace of "
                           f"{common} for {len(taus)} tasks of rank {min(base.shape)}; use 0.5 or more")
-    return finish(base, iso_cts_delta(taus, common, per_task), scaling_factor)
+    return written(finish(base, iso_cts_delta(taus, common, per_task), scaling_factor), out)
 
 
 METHOD = MergeMethod(
@@ -68,6 +68,7 @@ METHOD = MergeMethod(
     base="required",
     min_inputs=1,
     wants_name=True,
+    accepts_out=True,
     linear_algebra=True,
     working_memory=lambda shape, inputs: working_memory(shape, inputs, 3),
 )

@@ -10,7 +10,7 @@ from mixcli import MergeMethod, param
 from mixcli.errors import warn
 from mixcli.svd import kept, rank_per_task, truncated_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, orthogonalised,
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, written, orthogonalised,
                         task_vectors, working_memory)
 from ._torch import torch
 
@@ -30,17 +30,17 @@ def tsv_delta(taus: list, k: int):
     return orthogonalised([kept(*truncated_svd(tau, k)) for tau in taus], taus[0], flat=False)
 
 
-def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompose=True, name=None):
+def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompose=True, name=None, out=None):
     weights = weight if isinstance(weight, (list, tuple)) else [weight] * len(tensors)
     if not is_matrix(base, name, exclude_keys, decompose):
-        return mean_merged(tensors, base, alpha, weights)
+        return mean_merged(tensors, base, alpha, weights, out)
     taus = task_vectors(tensors, base, weights)
     k = rank_per_task(min(base.shape), len(taus))
     if k == 0:
         warn(f"tensor '{name}': tsv_merge keeps int({min(base.shape)}/{len(taus)}) = 0 components per task; "
              "it stays the base")
-        return finish(base, torch.zeros_like(taus[0]), alpha)
-    return finish(base, tsv_delta(taus, k), alpha)
+        return written(finish(base, torch.zeros_like(taus[0]), alpha), out)
+    return written(finish(base, tsv_delta(taus, k), alpha), out)
 
 
 METHOD = MergeMethod(
@@ -51,6 +51,7 @@ METHOD = MergeMethod(
     base="required",
     min_inputs=1,
     wants_name=True,
+    accepts_out=True,
     linear_algebra=True,
     working_memory=lambda shape, inputs: working_memory(shape, inputs, 3),
 )
