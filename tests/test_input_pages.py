@@ -156,24 +156,3 @@ def test_karcher_into_a_misaligned_output_buffer_rounds_as_into_a_fresh_one(dtyp
         misaligned = [backing.clone()[start:start + x.numel()].copy_(x.reshape(-1)).view(shape) for x in xs]
         assert torch.equal(karcher.karcher(misaligned, None), want), offset  # inputs at odd offsets too
 
-
-def test_karcher_through_mixcli_merge_equals_the_function_on_fresh_copies(tmp_path, llama_family):
-    # end to end: inputs mapped from files and the output written into its shard's memory, at
-    # whatever offsets they have there, give mergekit's bits (its inputs are fresh tensors)
-    from click.testing import CliRunner
-
-    import tiny_models
-    from mixcli.cli import cli
-
-    names = ("base", "ft1", "ft2")
-    project = tmp_path / "project.toml"
-    project.write_text("[models]\n" + "".join(f'{n} = "{llama_family[n]}"\n' for n in names)
-                       + '[method]\nname = "karcher"\n[output]\npath = "out"\n')
-    result = CliRunner().invoke(cli, ["merge", str(project), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    written = tiny_models.load_tensors(tmp_path / "out")
-    inputs = [tiny_models.load_tensors(llama_family[n]) for n in names]
-    assert written
-    for name, tensor in written.items():
-        want = karcher.karcher([m[name].clone() for m in inputs], None)
-        assert torch.equal(tensor, want), name
