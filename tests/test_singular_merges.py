@@ -233,12 +233,14 @@ def test_computed_into_the_output_file_the_merge_has_the_bits_of_the_function(me
     merge = get_registry().methods[method].merge
     assert written and any("layers.0." in n for n in written)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine gives matrices this small one thread each
-    try:
-        for name, tensor in written.items():
-            base = inputs["base"][name].bfloat16()
-            xs = [inputs[m][name].bfloat16() for m in ("ft1", "ft2")]
-            want = merge(xs, base, decompose="layers.0." in name and base.dim() == 2, name=name).bfloat16()
-            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, want), name
-    finally:
-        torch.set_num_threads(threads)
+    for name, tensor in written.items():
+        base = inputs["base"][name].bfloat16()
+        xs = [inputs[m][name].bfloat16() for m in ("ft1", "ft2")]
+        wants = []
+        for count in {1, threads}:  # the engine runs small tensors on one thread, or all on one worker
+            torch.set_num_threads(count)
+            try:
+                wants.append(merge(xs, base, decompose="layers.0." in name and base.dim() == 2, name=name).bfloat16())
+            finally:
+                torch.set_num_threads(threads)
+        assert tensor.dtype == torch.bfloat16 and any(torch.equal(tensor, want) for want in wants), name
