@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass
 
 from mixcli import MixcliError, Upscaler, param
-from mixcli.errors import closest
 
 STEP_KEYS = ("model", "layer", "scale")
 
@@ -101,31 +100,17 @@ class Params:
                                              "last step's model)")
 
 
-def _model(value, models, where: str) -> str:
-    if not isinstance(value, str) or value not in models:
-        raise MixcliError(f"{where}: no model named {value!r} in [models]{closest(str(value), models)}")
-    return value
-
-
 def read_steps(context) -> list[PathStep]:
+    from mixcli_layers._layermap import layer_entries, model_named
+
     models = context.models
-    where = f"{context.project.where}: [method] layers"
-    entries = context.params["layers"]
-    if not entries:
-        raise MixcliError(f"{where} is empty; list the path, e.g. [{{model = \"a\", layer = 0}}, ...]")
     steps = []
-    for n, entry in enumerate(entries, 1):
-        here = f"{where} entry {n}"
-        if not isinstance(entry, dict):
-            raise MixcliError(f"{here} must be a table like {{model = \"a\", layer = 0}}, got {entry!r}")
-        unknown = [k for k in entry if k not in STEP_KEYS]
-        if unknown:
-            raise MixcliError(f"{here}: unknown key '{unknown[0]}'{closest(unknown[0], STEP_KEYS)}; "
-                              f"allowed: {', '.join(STEP_KEYS)}")
+    for _, here, entry in layer_entries(context, STEP_KEYS, '{model = "a", layer = 0}',
+                                        'list the path, e.g. [{model = "a", layer = 0}, ...]'):
         for key in ("model", "layer"):
             if key not in entry:
                 raise MixcliError(f"{here}: '{key}' is missing")
-        model = _model(entry["model"], models, f"{here} model")
+        model = model_named(entry["model"], models, f"{here} model")
         layer = entry["layer"]
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise MixcliError(f"{here}: layer must be a layer index (an integer >= 0), got {layer!r}")
@@ -137,15 +122,15 @@ def read_steps(context) -> list[PathStep]:
 
 
 def build(context):
-    from mixcli_layers._layermap import LayerEntry, LayerMap, plan_layer_map
+    from mixcli_layers._layermap import LayerEntry, LayerMap, model_named, plan_layer_map
 
     from . import dfs_model
 
     project, models = context.project, context.models
     steps = read_steps(context)
-    embed_from = _model(context.params["embed_from"] or next(iter(models)), models,
+    embed_from = model_named(context.params["embed_from"] or next(iter(models)), models,
                         f"{project.where}: [method] embed_from")
-    head_from = _model(context.params["head_from"] or steps[-1].model, models, f"{project.where}: [method] head_from")
+    head_from = model_named(context.params["head_from"] or steps[-1].model, models, f"{project.where}: [method] head_from")
     unused = [m for m in models if m not in {embed_from, head_from} | {s.model for s in steps}]
     if unused:
         raise MixcliError(f"{project.where}: [models] model '{unused[0]}' is not on the path nor embed_from "

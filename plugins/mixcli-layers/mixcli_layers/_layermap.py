@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixcli import MixcliError
+from mixcli.errors import closest
 from mixcli.architecture import check_layer_count, head_name, head_source, layer_templates, map_config, tensor_role
 from mixcli.params import NOTHING, ParamSpec, check_setting, evaluate
 from mixcli.plan import OutputPlan, OutputTensor, output_dtype_name, set_dtype
@@ -98,6 +99,32 @@ def cast_floating(tensors: list[OutputTensor], config: dict, dtype: str) -> None
         if tensor.dtype in FLOATING and tensor.dtype != code:
             tensor.compute, tensor.dtype, tensor.fill = _Cast(tensor.compute, code), code, None
     set_dtype(config, dtype)
+
+
+def model_named(value, models: dict, where: str) -> str:
+    """``value`` when it names one of ``models``; a one-line error listing them otherwise."""
+    if not isinstance(value, str) or value not in models:
+        raise MixcliError(f"{where}: no model named {value!r} in [models]"
+                          f"{closest(str(value), models)}; use one of: {', '.join(models)}")
+    return value
+
+
+def layer_entries(context, allowed: tuple, example: str, empty_hint: str):
+    """``(n, where, entry)`` for each table of ``[method] layers``, after the checks every list of
+    layer entries shares: not empty, each a table, no key outside ``allowed``."""
+    where = f"{context.project.where}: [method] layers"
+    entries = context.params["layers"]
+    if not entries:
+        raise MixcliError(f"{where} is empty; {empty_hint}")
+    for n, entry in enumerate(entries, 1):
+        here = f"{where} entry {n}"
+        if not isinstance(entry, dict):
+            raise MixcliError(f"{here} must be a table like {example}, got {entry!r}")
+        unknown = [k for k in entry if k not in allowed]
+        if unknown:
+            raise MixcliError(f"{here}: unknown key '{unknown[0]}'{closest(unknown[0], allowed)}; "
+                              f"allowed: {', '.join(allowed)}")
+        yield n, here, entry
 
 
 def check_compatible(models: dict, names: list[str], where: str) -> None:

@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mixcli import MixcliError, Upscaler, param
-from mixcli.errors import closest
 
-from ._layermap import LayerEntry, LayerMap, check_scale, plan_layer_map
+from ._layermap import LayerEntry, LayerMap, check_scale, layer_entries, model_named, plan_layer_map
 from .layer_spec import parse_layer_spec
 
 ENTRY_KEYS = ("model", "range", "layers", "scale")
@@ -33,13 +32,6 @@ class Params:
                                              "(default: the last entry's)")
     scale: float | None = param(None, help="scale of every entry without its own: a number, a "
                                            "gradient over the entry's layers or a filtered list")
-
-
-def _model(value, models: dict, where: str) -> str:
-    if not isinstance(value, str) or value not in models:
-        raise MixcliError(f"{where}: no model named {value!r} in [models]"
-                          f"{closest(str(value), models)}; use one of: {', '.join(models)}")
-    return value
 
 
 def _indices(entry: dict, count: int, where: str) -> tuple[list[int], bool]:
@@ -66,22 +58,14 @@ def build_map(context, method: str = "frankenmerge") -> LayerMap:
     project, models = context.project, context.models
     where = f"{project.where}: [method] layers"
     entries = context.params["layers"]
-    if not entries:
-        raise MixcliError(f"{where} is empty; list the slices, e.g. "
-                          "[{model = \"a\", range = [0, 24]}, {model = \"b\", range = [8, 32]}]")
     default_scale = project.params.get("scale")  # the whole setting (filtered lists included)
     slices = []
-    for n, entry in enumerate(entries, 1):
-        here = f"{where} entry {n}"
-        if not isinstance(entry, dict):
-            raise MixcliError(f"{here} must be a table like {{model = \"a\", range = [0, 24]}}, got {entry!r}")
-        unknown = [k for k in entry if k not in ENTRY_KEYS]
-        if unknown:
-            raise MixcliError(f"{here}: unknown key '{unknown[0]}'{closest(unknown[0], ENTRY_KEYS)}; "
-                              f"allowed: {', '.join(ENTRY_KEYS)}")
+    for n, here, entry in layer_entries(context, ENTRY_KEYS, '{model = "a", range = [0, 24]}',
+                                        'list the slices, e.g. [{model = "a", range = [0, 24]}, '
+                                        '{model = "b", range = [8, 32]}]'):
         if "model" not in entry:
             raise MixcliError(f"{here}: 'model' is missing; name one of [models]: {', '.join(models)}")
-        model = _model(entry["model"], models, f"{here} model")
+        model = model_named(entry["model"], models, f"{here} model")
         count = models[model].num_layers
         if count is None:
             raise MixcliError(f"{here}: model '{model}' has no layer count in its config.json")
@@ -100,8 +84,8 @@ def build_map(context, method: str = "frankenmerge") -> LayerMap:
         raise MixcliError(f"{where}: the entries select no layers; give at least one non-empty range")
     embed_from = context.params.get("embed_from") or slices[0][0]
     head_from = context.params.get("head_from") or slices[-1][0]
-    _model(embed_from, models, f"{project.where}: [method] embed_from")
-    _model(head_from, models, f"{project.where}: [method] head_from")
+    model_named(embed_from, models, f"{project.where}: [method] embed_from")
+    model_named(head_from, models, f"{project.where}: [method] head_from")
     unused = [m for m in models if m not in {embed_from, head_from} | {e.model for e in layers}]
     if unused:
         raise MixcliError(f"{project.where}: [models] model '{unused[0]}' is not used by [method] layers, "
