@@ -4,6 +4,7 @@ tensor to the method's SVD rule or to the plain mean, and the final ``W0 + c·Δ
 from __future__ import annotations
 
 from mixcli import param
+from mixcli.safetensors_io import release_pages
 from mixcli.svd import polar, working
 
 from ._torch import torch
@@ -22,9 +23,13 @@ def decompose_param():
 
 
 def task_vectors(tensors, base, weights=None) -> list:
-    """``weight_i · (X_i − W0)`` in float32 (float64 for float64 inputs)."""
+    """``weight_i · (X_i − W0)`` in float32 (float64 for float64 inputs). The task models'
+    mapped pages go once these hold the values (:func:`release_pages`; the base's stay for
+    :func:`finish`)."""
     w0 = working(base)
     taus = [working(x) - w0 for x in tensors]
+    for x in tensors:
+        release_pages(x)
     if weights is not None:
         taus = [tau if w == 1.0 else tau * w for tau, w in zip(taus, weights)]
     return taus
@@ -46,8 +51,9 @@ def mean(taus):
 def mean_merged(tensors, base, coefficient: float, weights=None, out=None):
     """``finish(base, mean(task_vectors(tensors, base, weights)), coefficient)`` a chunk of
     elements at a time: the same arithmetic for every element, without whole float32 task
-    vectors (an embedding's are hundreds of MB each, and several are held at once). Into
-    ``out`` when given (each element rounded once to its dtype, as the engine would)."""
+    vectors (an embedding's are hundreds of MB each, and several are held at once), and with
+    each chunk's mapped input pages let go once used. Into ``out`` when given (each element
+    rounded once to its dtype, as the engine would)."""
     from .sparsify import chunks
 
     if out is None:
@@ -55,6 +61,7 @@ def mean_merged(tensors, base, coefficient: float, weights=None, out=None):
     flat, w0, xs = out.view(-1), base.reshape(-1), [x.reshape(-1) for x in tensors]
     for a, b in chunks(flat.numel()):
         flat[a:b] = finish(w0[a:b], mean(task_vectors([x[a:b] for x in xs], w0[a:b], weights)), coefficient)
+        release_pages(w0[a:b])
     return out
 
 
