@@ -241,14 +241,16 @@ def run_plan(plan: OutputPlan, writer, workers: int, progress: bool) -> None:
     def work(tensor):
         # large linear algebra runs alone (the whole budget) with every core
         cost = budget.acquire(budget.limit if tensor.intra_op else working_bytes(tensor))
+        cores = _all_cores() if tensor.intra_op else contextlib.nullcontext()
         try:
             if tensor.fill is not None and writer.mapped(tensor.name):
                 with writer.destination(tensor.name) as target:
-                    tensor.fill(target)
+                    with cores:  # into the output file or not, the same threads
+                        tensor.fill(target)
                     _check_output(tensor, target, plan.warnings)
                     del target
             else:
-                with _all_cores() if tensor.intra_op else contextlib.nullcontext():
+                with cores:
                     result = tensor.compute()
                 _check_output(tensor, result, plan.warnings)
                 writer.write(tensor.name, result)

@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import mixcli  # noqa: E402, F401  (before torch: it sets torch's OpenMP wait policy)
 import tiny_models  # noqa: E402
 
 

@@ -244,3 +244,70 @@ def test_computed_into_the_output_file_the_merge_has_the_bits_of_the_function(me
             finally:
                 torch.set_num_threads(threads)
         assert tensor.dtype == torch.bfloat16 and any(torch.equal(tensor, want) for want in wants), name
+
+
+THREADS_SEEN: list = []
+
+
+def threads_recording_copy(tensors, base, out=None):
+    THREADS_SEEN.append((tuple(base.shape), torch.get_num_threads(), out is not None))
+    result = tensors[0].clone()
+    return result if out is None else out.copy_(result)
+
+
+@pytest.mark.parametrize("into_the_file", [True, False])
+def test_the_engine_gives_a_large_matrix_of_a_linear_algebra_method_all_cores(into_the_file, tmp_path):
+    # the method record's linear_algebra: a matrix of at least INTRA_OP_MIN_SIDE on both sides
+    # runs alone on every core, whether computed into the output file (accepts_out) or not;
+    # smaller tensors run one per worker on one thread
+    import os
+
+    import mixcli
+    from safetensors.torch import save_file
+
+    from mixcli import plugins
+    from mixcli.tensorwise import INTRA_OP_MIN_SIDE
+
+    class LinearAlgebraPlugin:
+        @mixcli.hookimpl
+        def register_merge_methods(register):
+            register(mixcli.MergeMethod(name="threads_seen", summary="copy, noting torch's threads",
+                                        merge=threads_recording_copy, accepts_out=into_the_file,
+                                        linear_algebra=True))
+
+    side = INTRA_OP_MIN_SIDE
+    for name in ("base", "ft"):
+        (tmp_path / name).mkdir()
+        save_file({"large.weight": torch.zeros(side, side, dtype=torch.bfloat16),
+                   "tall.weight": torch.zeros(4 * side, 8, dtype=torch.bfloat16),
+                   "small.weight": torch.zeros(8, 8, dtype=torch.bfloat16)}, tmp_path / name / "model.safetensors")
+        (tmp_path / name / "config.json").write_text("{}")
+    project = write_project(tmp_path, f'[models]\nbase = "{tmp_path / "base"}"\nft = "{tmp_path / "ft"}"\n'
+                                      '[method]\nname = "threads_seen"\nbase = "base"\n[output]\npath = "out"\n'
+                                      'copy_tokenizer = false\n')
+    plugins.reset()
+    plugins.load_plugins()
+    plugins.pm.register(LinearAlgebraPlugin, name="threads-seen")
+    THREADS_SEEN.clear()
+    try:
+        result = CliRunner().invoke(cli, ["merge", str(project), "--no-progress", "--workers", "2"])
+    finally:
+        plugins.reset()
+    assert result.exit_code == 0, result.output
+    seen = {shape: (threads, out) for shape, threads, out in THREADS_SEEN}
+    assert seen[(side, side)] == (os.cpu_count(), into_the_file)
+    assert seen[(4 * side, 8)] == (1, into_the_file) and seen[(8, 8)] == (1, into_the_file)
+
+
+def test_torch_threads_wait_passively_unless_the_user_says_otherwise():
+    # read by torch's OpenMP when torch loads, so mixcli sets it on import, before torch
+    import os
+    import subprocess
+    import sys
+
+    code = "import mixcli, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
+                          capture_output=True, text=True, check=True).stdout.strip() == "ACTIVE"
