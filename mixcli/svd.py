@@ -26,14 +26,20 @@ def tolerance(sigma_max: float, shape, dtype) -> float:
     return float(sigma_max) * max(shape) * torch.finfo(dtype).eps
 
 
+def svd(matrix):
+    """The thin SVD ``U, σ, Vᵀ`` (``torch.linalg.svd``): every SVD of TSV-M, Iso-C and Iso-CTS
+    runs here, so benchmarks/bench_singular.py can time them alone."""
+    import torch
+
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
 def thin_svd(matrix, reference: float | None = None):
     """``U, σ, Vᵀ`` of ``matrix`` with the components below :func:`tolerance` zeroed.
 
     ``reference`` is the σ_max the tolerance scales with when ``matrix`` was derived from a
     larger one (a residual after a projection), so that rounding noise is not kept."""
-    import torch
-
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = svd(matrix)
     return drop_negligible(matrix, u, s, vh, reference)
 
 
@@ -56,9 +62,7 @@ def truncated_svd(matrix, k: int, reference: float | None = None):
 
 def polar(matrix):
     """The orthogonal polar factor ``P Qᵀ`` of ``matrix = P Σ Qᵀ`` (Procrustes)."""
-    import torch
-
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    p, _, qh = svd(matrix)
     return p @ qh
 
 
