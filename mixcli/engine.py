@@ -242,6 +242,8 @@ def run_plan(plan: OutputPlan, writer, workers: int, progress: bool) -> None:
         # large linear algebra runs alone (the whole budget) with every core
         cost = budget.acquire(budget.limit if tensor.intra_op else working_bytes(tensor))
         cores = _all_cores() if tensor.intra_op else contextlib.nullcontext()
+        if tensor.intra_op:
+            return_free_memory()  # what earlier tensors freed, before this one's large working set
         try:
             if tensor.fill is not None and writer.mapped(tensor.name):
                 with writer.destination(tensor.name) as target:
@@ -302,6 +304,29 @@ def _check_output(tensor, result, warnings) -> None:
             warnings.add(nonfinite_message(ckpt, name))
             return
     warnings.add(f"output tensor '{tensor.name}' holds NaN or Inf values although its inputs do not")
+
+
+_LIBC = None
+
+
+def return_free_memory() -> None:
+    """Give the memory the allocator holds freed back to the system (glibc's ``malloc_trim``;
+    elsewhere nothing). Freed blocks below glibc's mmap threshold (which rises to 32 MiB as
+    large blocks are freed) stay in the arena of the thread that freed them, and every worker
+    and OpenMP thread has its own: after a few SVDs they held hundreds of MiB that no tensor
+    used, on top of the next SVD's working set."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 @contextlib.contextmanager

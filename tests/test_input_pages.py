@@ -179,3 +179,38 @@ def test_singular_merges_let_their_mapped_inputs_go_with_the_bits_of_copies(meth
         # 1.2 MB each went; a page at a chunk's edge may stay; the SVD rule's finish reads the base
         for view in views if not decompose else views[1:]:
             assert resident_bytes(view) < 0.05 * base.numel() * 2, decompose
+
+
+def test_return_free_memory_gives_freed_arena_blocks_back():
+    # blocks under glibc's mmap threshold stay in the freeing thread's arena after free();
+    # the engine returns them before a linear-algebra tensor's large working set
+    import subprocess
+
+    code = """
+import threading, time, mixcli.engine as engine
+def anon():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon'))
+churned, done = threading.Event(), threading.Event()
+def churn():  # a worker thread: its own arena; it stays alive, holding the arena's top block
+    import torch
+    block = torch.ones(6 * 2**20)
+    del block  # a freed 24 MiB block lifts glibc's mmap threshold above 4 MiB
+    keep = [torch.ones(2**20) for _ in range(100)]  # 4 MiB each, in the arena, every page touched
+    del keep[:-1]
+    churned.set()
+    done.wait()
+thread = threading.Thread(target=churn); thread.start(); churned.wait()
+time.sleep(0.2)
+before = anon()
+if "trim" in __import__("sys").argv:
+    engine.return_free_memory()
+print(before - anon())
+done.set(); thread.join()
+"""
+
+    def freed_kib(*args):
+        return int(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert freed_kib() < 50 * 1024  # left alone, the arena keeps them
+    assert freed_kib("trim") > 250 * 1024  # most of the ~400 MiB freed went back

@@ -89,10 +89,10 @@ def test_a_zero_task_vector_adds_no_direction():
     frozen = xs[:2] + [base.clone()]  # the third model left this matrix unchanged
     taus = [x - base for x in xs[:2]]
     k = rank_per_task(30, 3)  # it still counts in T, as in FusionBench
-    torch.testing.assert_close(tsv_merge(frozen, base) - base, tsv_delta(taus, k), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tsv_merge(frozen, base) - base, tsv_delta(list(taus), k), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(iso_c(frozen, base), iso_c(xs[:2], base), rtol=1e-10, atol=1e-12)
     c, d = subspace_sizes(30, 3, 0.8)
-    torch.testing.assert_close(iso_cts(frozen, base) - base, iso_cts_delta(taus, c, d), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(iso_cts(frozen, base) - base, iso_cts_delta([t.clone() for t in taus], c, d), rtol=1e-10, atol=1e-12)
 
 
 def test_low_rank_task_vectors_keep_the_merge_in_their_subspace():
@@ -311,3 +311,40 @@ def test_torch_threads_wait_passively_unless_the_user_says_otherwise():
                           check=True).stdout.strip() == "PASSIVE"
     assert subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
                           capture_output=True, text=True, check=True).stdout.strip() == "ACTIVE"
+
+
+def plain_orthogonalised(blocks, like, flat):
+    from mixcli.svd import polar
+
+    values = torch.cat([s for _, s, _ in blocks])
+    u = polar(torch.cat([u for u, _, _ in blocks], dim=1))
+    vh = polar(torch.cat([vh for _, _, vh in blocks], dim=0))
+    return values.mean() * (u @ vh) if flat else (u * values) @ vh
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_merges_that_let_each_matrix_go_once_used_have_the_bits_of_the_plain_formulas(dtype):
+    # TSV-M, Iso-C and Iso-CTS drop each task vector once decomposed, overwrite it by its
+    # residual, and stack the factors before the polar SVDs: the same operations in the same
+    # order as the plain formulas below (every matrix held to the end), so the same bits
+    from mixcli.svd import kept, thin_svd, truncated_svd
+    from mixcli_merge._singular import finish, task_vectors
+    from mixcli_merge.iso_c import iso_c_delta
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(120, 70, generator=g).to(dtype)
+    xs = [(base.float() + 0.05 * torch.randn(120, 70, generator=g)).to(dtype) for _ in range(3)]
+    taus = task_vectors(xs, base)
+    k = rank_per_task(70, 3)
+    plain_tsv = plain_orthogonalised([kept(*truncated_svd(t, k)) for t in taus], taus[0], flat=False)
+    assert torch.equal(tsv_merge(xs, base, alpha=0.7), finish(base, plain_tsv, 0.7))
+    total = taus[0].clone()
+    for tau in taus[1:]:
+        total += tau
+    assert torch.equal(iso_c(xs, base, scaling_factor=1.5), finish(base, iso_c_delta(total), 1.5))
+    c, d = subspace_sizes(70, 3, 0.8)
+    u, s, vh = thin_svd(total)
+    u_c = u[:, :c]
+    blocks = [kept(*truncated_svd(t - u_c @ (u_c.T @ t), d, float(s[0]))) for t in taus]
+    plain_cts = plain_orthogonalised(blocks + [kept(u_c, s[:c], vh[:c])], total, flat=True)
+    assert torch.equal(iso_cts(xs, base, scaling_factor=1.5), finish(base, plain_cts, 1.5))

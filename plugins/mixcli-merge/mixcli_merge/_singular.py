@@ -70,15 +70,18 @@ def written(result, out):
     return result if out is None else out.copy_(result)
 
 
-def orthogonalised(blocks: list, like, flat: bool):
+def orthogonalised(blocks: list, shape, dtype, flat: bool):
     """The retained ``(U, σ, Vᵀ)`` blocks stacked, their bases made orthogonal (polar factors)
     and multiplied back: ``polar(Û) diag(ŝ) polar(V̂ᵀ)``, or ``mean(ŝ) polar(Û) polar(V̂ᵀ)``
-    with ``flat``. No blocks left (zero task vectors): zeros like ``like``."""
+    with ``flat``. No blocks left (zero task vectors): zeros of ``shape``. ``blocks`` is
+    emptied once stacked, so the factors are not held twice while the polar SVDs run."""
     values = torch.cat([s for _, s, _ in blocks])
     if values.numel() == 0:
-        return torch.zeros_like(like)
-    u = polar(torch.cat([u for u, _, _ in blocks], dim=1))
-    vh = polar(torch.cat([vh for _, _, vh in blocks], dim=0))
+        return torch.zeros(shape, dtype=dtype)
+    stacks = [torch.cat([u for u, _, _ in blocks], dim=1), torch.cat([vh for _, _, vh in blocks], dim=0)]
+    blocks.clear()
+    u = polar(stacks.pop(0))
+    vh = polar(stacks.pop())
     return values.mean() * (u @ vh) if flat else (u * values) @ vh
 
 

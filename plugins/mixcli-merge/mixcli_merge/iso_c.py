@@ -32,9 +32,9 @@ def iso_c(tensors, base, *, scaling_factor=1.0, exclude_keys=(), decompose=True,
     if not is_matrix(base, name, exclude_keys, decompose):
         return mean_merged(tensors, base, scaling_factor, out=out)
     taus = task_vectors(tensors, base)
-    total = taus[0].clone()
-    for tau in taus[1:]:
-        total += tau
+    total = taus.pop(0)  # summed in place: the task vectors go as they are added
+    while taus:
+        total += taus.pop(0)
     return written(finish(base, iso_c_delta(total), scaling_factor), out)
 
 

@@ -32,20 +32,27 @@ def subspace_sizes(rank_bound: int, tasks: int, fraction: float) -> tuple[int, i
 
 
 def iso_cts_delta(taus: list, common: int, per_task: int):
-    """``mean(ŝ) · polar(Û) polar(V̂ᵀ)`` over the retained common and task components."""
+    """``mean(ŝ) · polar(Û) polar(V̂ᵀ)`` over the retained common and task components.
+    ``taus`` is emptied and its task vectors overwritten by their residuals (the merge holds
+    a few matrices, not each task vector beside its residual)."""
+    shape, dtype = taus[0].shape, taus[0].dtype
     total = taus[0].clone()
     for tau in taus[1:]:
         total += tau
     u, s, vh = thin_svd(total)
+    del total
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
     reference = float(s[0]) if s.numel() else 0.0
     blocks = []
-    if per_task:
-        for tau in taus:
-            residual = tau - u_c @ (u_c.T @ tau)  # the common left subspace removed
+    while taus:
+        residual = taus.pop(0)
+        if per_task:
+            residual -= u_c @ (u_c.T @ residual)  # the common left subspace removed
             blocks.append(kept(*truncated_svd(residual, per_task, reference)))
+        del residual
     blocks.append(kept(u_c, s_c, vh_c))
-    return orthogonalised(blocks, total, flat=True)
+    del u, vh, u_c, vh_c
+    return orthogonalised(blocks, shape, dtype, flat=True)
 
 
 def iso_cts(tensors, base, *, scaling_factor=1.0, common_space_fraction=0.8, exclude_keys=(),

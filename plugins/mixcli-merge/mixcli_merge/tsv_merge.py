@@ -26,8 +26,13 @@ class Params:
 
 def tsv_delta(taus: list, k: int):
     """``polar(Û) diag(ŝ) polar(V̂ᵀ)`` from each task vector's top-``k`` components;
-    components a task does not have (zero or low rank) are left out, not invented."""
-    return orthogonalised([kept(*truncated_svd(tau, k)) for tau in taus], taus[0], flat=False)
+    components a task does not have (zero or low rank) are left out, not invented. ``taus``
+    is emptied: each task vector goes once decomposed (the merge holds a few matrices)."""
+    shape, dtype = taus[0].shape, taus[0].dtype
+    blocks = []
+    while taus:
+        blocks.append(kept(*truncated_svd(taus.pop(0), k)))
+    return orthogonalised(blocks, shape, dtype, flat=False)
 
 
 def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompose=True, name=None, out=None):
