@@ -5,19 +5,33 @@ Two set-ups, base + 2 experts in bf16, embeddings and head excluded from the SVD
 method notes advise for causal LMs:
 
 * ``--models DIR``: the three 0.85 B models of benchmarks/bench_merge.py (``DIR`` is its
-  ``--root``, default .bench; built there if missing). The whole model is merged, so the peak
-  RSS is the full-size one; the SVD rule runs on the first ``--svd-layers`` layers (default:
-  all 16; the others take the mean task vector through ``decompose = false``), since all 16
-  take hours on 2 cores: the merge's time beyond its floor scales with the layers SVD'd.
+  ``--root``; built there if missing). The whole model is merged, so the peak RSS is the
+  full-size one; the SVD rule runs on the first ``--svd-layers`` layers (default: all 16; the
+  others take the mean task vector through ``decompose = false``). Every layer costs the
+  same, so a partial run's SVD seconds and its arithmetic beyond them scale with the layers
+  given the SVD rule, while reading, the mean path and writing stay those of the whole model:
+  the ratio of a partial run is above the full run's.
 * otherwise it builds (once, seeded) a small model of ``--layers`` layers in the same layout
   (default 1: every matrix shape of the 0.85 B model at full size) under ``--root``.
 
-Prints the core count and load average, then per method the wall seconds and peak RSS of
-`mixcli merge` and the seconds of its SVDs alone (each task vector's SVD, and the polar
-factors'), run as the engine runs them: matrices with a side under INTRA_OP_MIN_SIDE one per
-worker thread, larger ones one at a time on every core.
+Projects and outputs go to ``--out`` (default: ``out-singular`` in the models' folder); each
+run's previous output is deleted untimed and the inputs' page cache is warmed first.
+
+Per method it prints the wall seconds, max RSS and peak anonymous memory of `mixcli merge`,
+and its floor: the seconds spent inside the SVDs (:func:`mixcli.svd.svd`, through which every
+SVD of these methods runs: each task vector's, the sum's, the residuals' and the polar
+factors'). The merge itself times them, so they are the same SVDs on the same matrices at the
+threads the engine gives them: a matrix of at least ``INTRA_OP_MIN_SIDE`` on both sides runs
+alone on every core, and its SVD seconds count as they are; smaller matrices run one per
+worker beside other tensors, so they are timed again afterwards, alone on one thread each,
+and their sum divided by the cores they would share. ``ratio`` is merge / floor;
+``arith s`` is what the large decomposed matrices cost beyond their SVDs (products, task
+vectors, rounding into the output); the rest of the wall is reading, the mean path of the
+other tensors and writing. ``--svd-solver randomized`` runs tsv_merge and iso_cts with their
+approximate SVD instead of the full one.
 
     python benchmarks/bench_singular.py --models .bench [--svd-layers 1] [--only ties,tsv_merge,iso_cts]
+        [--out DIR] [--svd-solver randomized]
     python benchmarks/bench_singular.py [--root .bench/singular] [--layers 1] [--hidden 2048]
         [--intermediate 5632] [--vocab 32000] [--only tsv_merge,iso_cts] [--workers N]
 """
@@ -27,11 +41,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import shutil
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_merge  # noqa: E402  (its models, page-cache warming and memory sampling)
 
 EXCLUDE = ["model.embed_tokens.weight", "lm_head.weight"]
 RECIPES = {
@@ -40,6 +55,41 @@ RECIPES = {
     "iso_c": f'name = "iso_c"\nbase = "base"\nscaling_factor = 1.5\nexclude_keys = {json.dumps(EXCLUDE)}',
     "iso_cts": f'name = "iso_cts"\nbase = "base"\nscaling_factor = 1.5\nexclude_keys = {json.dumps(EXCLUDE)}',
 }
+APPROXIMATE = ("tsv_merge", "iso_cts")  # the methods with svd_solver
+
+# the merge, with the seconds inside mixcli.svd.svd counted per output tensor (thread-local:
+# each tensor is computed on one worker thread) and written to argv[1] as JSON
+CHILD = """
+import json, sys, threading, time
+import mixcli.svd
+from mixcli import tensorwise
+from mixcli.cli import cli
+
+records, local, svd, run = [], threading.local(), mixcli.svd.svd, tensorwise._Compute._run
+
+def timed_svd(matrix):
+    start = time.perf_counter()
+    try:
+        return svd(matrix)
+    finally:
+        local.svd += time.perf_counter() - start
+        local.calls += 1
+
+def timed_run(self, target):
+    local.svd, local.calls = 0.0, 0
+    start = time.perf_counter()
+    try:
+        return run(self, target)
+    finally:
+        records.append([self.name, time.perf_counter() - start, local.svd, local.calls])
+
+mixcli.svd.svd, tensorwise._Compute._run = timed_svd, timed_run
+try:
+    cli(sys.argv[2:], standalone_mode=False)
+finally:
+    with open(sys.argv[1], "w") as f:
+        json.dump(records, f)
+"""
 
 
 def shapes(args) -> dict[str, tuple]:
@@ -87,85 +137,63 @@ def svd_rule(svd_layers: int | None) -> str:
     return f"\ndecompose = [{', '.join(keep + ['{ value = false }'])}]"
 
 
-def run_merge(root: Path, method: str, workers: int | None, svd_layers: int | None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB, mapped input pages included) of one `mixcli merge`."""
-    project = root / f"{method}.toml"
+def write_project(root: Path, out: Path, method: str, svd_layers: int | None, solver: str | None) -> Path:
+    label = method if solver is None else f"{method}-{solver}"
+    project = out / f"{label}.toml"
     rule = svd_rule(svd_layers) if method != "ties" else ""
-    project.write_text(f'[models]\nbase = "base"\nft1 = "ft1"\nft2 = "ft2"\n[method]\n{RECIPES[method]}{rule}\n'
-                       'dtype = "bfloat16"\n'
-                       f'[output]\npath = "out-{method}"\ncopy_tokenizer = false\n')
-    arguments = ["merge", str(project), "--force", "--no-progress"] + (["--workers", str(workers)] if workers else [])
-    child = ("import json, resource, sys\nfrom mixcli.cli import cli\ntry:\n    cli(json.loads(sys.argv[1]), "
-             "standalone_mode=False)\nfinally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-             "file=sys.stderr)")
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", child, json.dumps(arguments)], check=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - start
-    return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024
+    rule += f'\nsvd_solver = "{solver}"' if solver else ""
+    models = "".join(f'{name} = "{root / name}"\n' for name in ("base", "ft1", "ft2"))
+    project.write_text(f'[models]\n{models}[method]\n{RECIPES[method]}{rule}\ndtype = "bfloat16"\n'
+                       f'[output]\npath = "out-{label}"\ncopy_tokenizer = false\n')
+    return project
 
 
-class Model:
-    """The tensors of one model folder (one file or shards with an index), read lazily."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        index = folder / "model.safetensors.index.json"
-        shards = (json.loads(index.read_text())["weight_map"] if index.is_file()
-                  else dict.fromkeys(safe_open(str(folder / "model.safetensors"), "pt").keys(), "model.safetensors"))
-        files = {f: safe_open(str(folder / f), "pt") for f in set(shards.values())}
-        self.files = {name: files[f] for name, f in shards.items()}
-
-    def shape(self, name):
-        return self.files[name].get_slice(name).get_shape()
-
-    def get(self, name):
-        return self.files[name].get_tensor(name)
+def run_merge(root: Path, out: Path, project: Path, workers: int | None) -> tuple[dict, list]:
+    """bench_merge.measure's figures for one `mixcli merge`, and the per-tensor timings."""
+    bench_merge.warm(root)
+    shutil.rmtree(out / f"out-{project.stem}", ignore_errors=True)  # ours, from the last run
+    os.sync()
+    timings = out / f"{project.stem}.timings.json"
+    command = [sys.executable, "-c", CHILD, str(timings), "merge", str(project), "--force", "--no-progress"]
+    result = bench_merge.measure(command + (["--workers", str(workers)] if workers else []), out)
+    return result, json.loads(timings.read_text())
 
 
-def svd_floor(root: Path, method: str, workers: int, svd_layers: int | None) -> float:
-    """Seconds of the SVDs ``method`` performs per matrix, on ``workers`` one-thread workers."""
+def floor(project: Path, records: list, workers: int) -> tuple[float, float]:
+    """The SVD floor and the large decomposed matrices' arithmetic beyond their SVDs (s)."""
+    import time
+
     import torch
 
-    from mixcli.svd import rank_per_task
-
-    torch.set_num_threads(1)
-    models = {n: Model(root / n) for n in ("base", "ft1", "ft2")}
-    layers = [f"model.layers.{i}." for i in range(svd_layers)] if svd_layers is not None else None
-    names = [k for k in models["base"].files if len(models["base"].shape(k)) == 2 and k not in EXCLUDE
-             and (layers is None or any(k.startswith(p) for p in layers))]
-
-    def work(name):
-        base = models["base"].get(name).float()
-        taus = [models[m].get(name).float() - base for m in ("ft1", "ft2")]
-        m, n = base.shape
-        r = min(m, n)
-        start = time.perf_counter()
-        if method == "iso_c":
-            torch.linalg.svd(taus[0] + taus[1], full_matrices=False)
-        else:
-            if method == "iso_cts":
-                torch.linalg.svd(taus[0] + taus[1], full_matrices=False)
-            for tau in taus:
-                torch.linalg.svd(tau, full_matrices=False)
-            k = rank_per_task(r, 2)
-            torch.linalg.svd(torch.randn(m, 2 * k), full_matrices=False)  # the two polar factors
-            torch.linalg.svd(torch.randn(2 * k, n), full_matrices=False)
-        return time.perf_counter() - start
-
-    # the engine's policy: large matrices alone with every core, the others one per worker
+    import mixcli.svd
+    from mixcli import core
     from mixcli.tensorwise import INTRA_OP_MIN_SIDE
 
-    large = [k for k in names if min(models["base"].shape(k)) >= INTRA_OP_MIN_SIDE]
-    small = [k for k in names if k not in large]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(work, small))
-    torch.set_num_threads(os.cpu_count() or 1)
-    for name in large:
-        work(name)
-    return time.perf_counter() - start
+    prepared = core.prepare(project)
+    planned = {t.name: t for t in prepared.plan.tensors}
+    large = [r for r in records if r[3] and min(planned[r[0]].shape) >= INTRA_OP_MIN_SIDE]
+    small = {r[0] for r in records if r[3]} - {r[0] for r in large}
+    seconds, svd = [0.0], mixcli.svd.svd
+
+    def timed_svd(matrix):
+        start = time.perf_counter()
+        try:
+            return svd(matrix)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    # the smaller matrices alone, one thread each (as the engine gives them), then shared out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mixcli.svd.svd = timed_svd
+    try:
+        for name in sorted(small):
+            planned[name].compute()
+    finally:
+        mixcli.svd.svd = svd
+        torch.set_num_threads(threads)
+    cores = min(workers, os.cpu_count() or 1)
+    return sum(r[2] for r in large) + seconds[0] / cores, sum(r[1] - r[2] for r in large)
 
 
 def main() -> None:
@@ -173,11 +201,13 @@ def main() -> None:
     parser.add_argument("--models", type=Path, help="bench_merge.py's root: its three 0.85 B models")
     parser.add_argument("--svd-layers", type=int, help="with --models: layers given the SVD rule (default 16)")
     parser.add_argument("--root", type=Path, default=Path(".bench/singular"))
+    parser.add_argument("--out", type=Path, help="projects and outputs (default: out-singular in the models' folder)")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--only", default="ties,tsv_merge,iso_c,iso_cts")
+    parser.add_argument("--svd-solver", choices=("full", "randomized"), help="tsv_merge's and iso_cts's svd_solver")
     parser.add_argument("--workers", type=int)
     args = parser.parse_args()
     from mixcli.engine import default_workers
@@ -185,9 +215,6 @@ def main() -> None:
     workers = args.workers or default_workers()
     svd_layers = None
     if args.models:
-        sys.path.insert(0, str(Path(__file__).parent))
-        import bench_merge
-
         root = args.models.absolute()
         bench_merge.build(root)
         layers = bench_merge.SHAPE["layers"]
@@ -198,15 +225,20 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         build(root, args)
         print(f"{args.layers} layer(s), hidden {args.hidden}, intermediate {args.intermediate}; ", end="")
+    out = (args.out or root / "out-singular").absolute()
+    out.mkdir(parents=True, exist_ok=True)
     print(f"base + 2 experts, bf16; {os.cpu_count()} cores, {workers} workers")
-    print(f"{'method':<10} {'merge s':>8} {'peak RSS MiB':>13} {'SVDs alone s':>13} {'ratio':>6} {'load':>10}")
+    print(f"{'method':<20} {'merge s':>8} {'max RSS MiB':>12} {'anon MiB':>9} {'SVD floor s':>12} {'ratio':>6} "
+          f"{'arith s':>8} {'load':>10}")
     for method in args.only.split(","):
-        load = os.getloadavg()[0]
-        seconds, rss = run_merge(root, method, args.workers, svd_layers)
-        floor = svd_floor(root, method, workers, svd_layers) if method != "ties" else None
-        ratio = f"{seconds / floor:6.2f}" if floor else "     -"
-        floor_text = f"{floor:13.1f}" if floor else f"{'-':>13}"
-        print(f"{method:<10} {seconds:8.1f} {rss:13.0f} {floor_text} {ratio} {load:>4.1f}-{os.getloadavg()[0]:<4.1f}",
+        solver = args.svd_solver if method in APPROXIMATE else None
+        project = write_project(root, out, method, svd_layers, solver)
+        result, records = run_merge(root, out, project, args.workers)
+        svd_floor, arithmetic = floor(project, records, workers) if method != "ties" else (None, None)
+        cells = (f"{svd_floor:12.1f} {result['wall_s'] / svd_floor:6.2f} {arithmetic:8.1f}" if svd_floor
+                 else f"{'-':>12} {'-':>6} {'-':>8}")
+        print(f"{project.stem:<20} {result['wall_s']:8.1f} {result['max_rss_mib']:12.0f} "
+              f"{result['peak_anon_mib']:9.0f} {cells} {result['load_before']:>4.1f}-{result['load_after']:<4.1f}",
               flush=True)
 
 
