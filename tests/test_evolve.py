@@ -155,6 +155,7 @@ BAD = [
     ("strategy = \"cmaa\"", {}, "[search] strategy: unknown search strategy 'cmaa' (did you mean 'cma'?)"),
     ("executor = \"threads\"", {}, "[search] executor must be one of 'serial', 'process', 'ray'"),
     ("sigmaa = 0.2", {}, "[search]: unknown key 'sigmaa' (did you mean 'sigma0'?)"),
+    ("threads = -1", {}, "[search] threads must be a whole number >= 0, got -1"),
 ]
 
 

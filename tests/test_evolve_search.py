@@ -17,6 +17,7 @@ from conftest import write_project
 from mixcli import plugins
 
 CALLS = []  # the folders the toy evaluator measured, in order
+THREADS = []  # torch's thread count during each of those measurements
 INTERRUPT_AT = [0]  # send this process SIGINT during that call of the toy evaluator (0: never)
 TARGET_SHARE = 0.7  # the known optimum: 0.7 of ft1 and 0.3 of ft2
 
@@ -30,6 +31,7 @@ def toy_distance(context) -> dict:
     candidate = context.load_model("AutoModelForCausalLM").state_dict()  # a resident model, or a folder
     target = tiny_models.load_tensors(context.path(context.params["target"]))
     CALLS.append(context.model_path)
+    THREADS.append(torch.get_num_threads())
     if len(CALLS) == INTERRUPT_AT[0]:
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while a candidate is measured
     return {"distance": sum(float(((candidate[k].double() - target[k].double()) ** 2).sum()) for k in target)}
@@ -137,6 +139,17 @@ def test_the_budget_is_never_exceeded_and_seeds_decide_the_history(toy):
     assert history(outcome.folder) == history(same.folder)
     other, _ = evolve(toy("budget = 8\nseed = 5", output="other"))
     assert [h[2] for h in history(other.folder)] != [h[2] for h in history(outcome.folder)]
+
+
+def test_small_models_are_scored_on_one_thread_unless_threads_says_otherwise(toy):
+    before = torch.get_num_threads()
+    THREADS.clear()
+    evolve(toy("budget = 2"))
+    assert THREADS == [1, 1]  # the tiny models' matrices are far below mixcli_evolve.fitness.SMALL_MATRIX
+    THREADS.clear()
+    evolve(toy("budget = 2\nthreads = 3", output="three"))
+    assert THREADS == [3, 3]
+    assert torch.get_num_threads() == before  # the search leaves the process's threads as they were
 
 
 def test_identical_recipes_are_scored_once_and_the_strategy_hook_is_used(toy):

@@ -31,9 +31,15 @@ def load(path: Path, out: Path | None = None):
 
 
 def fitness_setup(plan) -> FitnessSetup:
+    from mixcli.core import open_models
+    from mixcli.plugins import get_registry
+
+    from .fitness import scoring_threads
+
     project = plan.project
+    threads = scoring_threads(plan.settings.threads, open_models(project, get_registry()).values())
     return FitnessSetup(plan.settings.fitness, {name: ref.resolved_path for name, ref in project.models.items()},
-                        project.file.resolve().parent, plan.settings.device)
+                        project.file.resolve().parent, plan.settings.device, threads)
 
 
 def evolve_project(path: Path, resume: bool = False, force: bool = False, show_progress: bool = True, say=None,

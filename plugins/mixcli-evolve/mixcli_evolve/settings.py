@@ -21,7 +21,7 @@ NORMALIZED = ("ties", "dare_ties", "linear")  # normalize defaults to true for t
 KEYS = ("space", "models", "layer_granularity", "normalize", "allow_negative_weights", "filters", "smooth",
         "random_init", "dtype", "sigma0", "popsize", "budget", "seed", "strategy", "executor", "workers",
         "ray_address", "device", "fitness", "allow_test_split", "repeats", "min_path_length", "max_path_length",
-        "scales", "embed_from", "head_from", "both_split")
+        "scales", "embed_from", "head_from", "both_split", "threads")
 PS_MODEL = "parameters"  # space = "both": the layer phase's name for the parameter phase's best model
 FITNESS_KEYS = ("evaluator", "metric", "weight")
 _TEST_WORD = re.compile(r"(^|[^a-z])test([^a-z]|$)")
@@ -71,6 +71,7 @@ class SearchSettings:
     embed_from: str | None
     head_from: str | None
     both_split: float = 0.5  # space = "both": the parameter phase's share of the budget
+    threads: int = 0  # torch threads while a candidate is scored; 0: chosen from the models' size
     where: str = "[search]"
     extra: dict = field(default_factory=dict)
 
@@ -209,7 +210,8 @@ def parse_search(project, method, registry) -> SearchSettings:
         repeats=_int(table, "repeats", 1, where, 1), min_path_length=_int(table, "min_path_length", 1, where, 1),
         max_path_length=_int(table, "max_path_length", None, where, 1),
         scales=_choice(table, "scales", "pair", SCALES, where), embed_from=model_or_none("embed_from"),
-        head_from=model_or_none("head_from"), both_split=both_split, where=where)
+        head_from=model_or_none("head_from"), both_split=both_split,
+        threads=_int(table, "threads", 0, where, 0), where=where)
     if settings.max_path_length is not None and settings.max_path_length < settings.min_path_length:
         raise MixcliError(f"{where} max_path_length {settings.max_path_length} is below min_path_length "
                           f"{settings.min_path_length}")
