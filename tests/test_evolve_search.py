@@ -18,6 +18,7 @@ from mixcli import plugins
 
 CALLS = []  # the folders the toy evaluator measured, in order
 THREADS = []  # torch's thread count during each of those measurements
+MODELS = []  # the resident models measured (kept alive, so no address can be reused)
 INTERRUPT_AT = [0]  # send this process SIGINT during that call of the toy evaluator (0: never)
 TARGET_SHARE = 0.7  # the known optimum: 0.7 of ft1 and 0.3 of ft2
 
@@ -29,6 +30,7 @@ class ToyParams:
 
 def toy_distance(context) -> dict:
     candidate = context.load_model("AutoModelForCausalLM").state_dict()  # a resident model, or a folder
+    MODELS.append(context.model)
     target = tiny_models.load_tensors(context.path(context.params["target"]))
     CALLS.append(context.model_path)
     THREADS.append(torch.get_num_threads())
@@ -150,6 +152,24 @@ def test_small_models_are_scored_on_one_thread_unless_threads_says_otherwise(toy
     evolve(toy("budget = 2\nthreads = 3", output="three"))
     assert THREADS == [3, 3]
     assert torch.get_num_threads() == before  # the search leaves the process's threads as they were
+
+
+def test_the_candidates_of_a_search_are_computed_into_one_model(toy):
+    MODELS.clear()
+    outcome, _ = evolve(toy("budget = 4"))
+    assert len(MODELS) == 4 and all(model is MODELS[0] for model in MODELS)
+    MODELS.clear()
+    # each in-place candidate scores as its recipe merged afresh: the toy optimum's distances
+    from mixcli.inmemory import build_model
+    from mixcli.project import project_from_dict
+
+
+    for entry in outcome.entries:
+        recipe = outcome.recipes[entry["recipe"]]
+        fresh = build_model(project_from_dict(recipe, outcome.folder.parent)).state_dict()
+        target = tiny_models.load_tensors(outcome.folder.parent / "target")
+        distance = sum(float(((fresh[k].double() - target[k].double()) ** 2).sum()) for k in target)
+        assert entry["fitness"] == -distance
 
 
 def test_identical_recipes_are_scored_once_and_the_strategy_hook_is_used(toy):

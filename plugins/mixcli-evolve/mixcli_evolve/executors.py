@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 
-from .fitness import FitnessSetup, score
+from .fitness import FitnessSetup, forget_candidates, score
 
 
 class SerialExecutor:
@@ -19,7 +19,7 @@ class SerialExecutor:
             yield score(recipe, self.setup)
 
     def close(self) -> None:
-        pass
+        forget_candidates()
 
 
 _worker_setup: FitnessSetup | None = None

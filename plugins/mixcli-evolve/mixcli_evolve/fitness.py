@@ -54,19 +54,30 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
+_previous = None  # this process's last candidate: the next one of the same shape is computed into it
+
+
 @contextlib.contextmanager
 def candidate(recipe: dict, setup: FitnessSetup):
     """The candidate of ``recipe`` as (a name for messages, a resident transformers model), built in
     memory by the engine `mixcli merge` uses: its tensors are bitwise those `mixcli merge` writes
-    for the same recipe, and nothing is written to disk."""
+    for the same recipe, and nothing is written to disk. A candidate of the previous one's
+    shape is computed into the previous one's tensors, so a search allocates one model, not
+    one per candidate."""
+    global _previous
     from mixcli.inmemory import build_model
     from mixcli.project import project_from_dict
 
-    model = build_model(project_from_dict(recipe, setup.base_dir, "candidate.toml"), device=setup.device)
-    try:
-        yield Path(f"candidate {recipe_hash(recipe)}"), model
-    finally:
-        del model
+    project = project_from_dict(recipe, setup.base_dir, "candidate.toml")
+    model = build_model(project, device=setup.device, model=_previous)
+    _previous = model
+    yield Path(f"candidate {recipe_hash(recipe)}"), model
+
+
+def forget_candidates() -> None:
+    """Let the last candidate go (a search's end)."""
+    global _previous
+    _previous = None
 
 
 def merge_recipe(recipe: dict, base_dir: Path, target: Path, progress: bool = True, force: bool = False) -> Path:
