@@ -132,10 +132,13 @@ def part_one(root: Path, methods: list[str]) -> None:
               f"{verdict:>12} | {inside['again_s']:>10.1f} {inside['again_cpu_s']:>6.1f}", flush=True)
 
 
-def zoo_candidates(zoo: Path, family: str, count: int, samples: int, in_place: bool) -> dict:
+def zoo_candidates(zoo: Path, family: str, count: int, samples: int, in_place: bool, threads: int) -> dict:
     """Candidates per minute of build + resident model + fitness on one zoo family; with
-    ``in_place`` each candidate overwrites the previous one's model."""
+    ``in_place`` each candidate overwrites the previous one's model. The fitness runs on
+    ``threads`` torch threads (0: what `mixcli evolve` chooses for these models)."""
     import random
+
+    from mixcli_evolve.fitness import torch_threads
 
     from mixcli.evaluation import run_evaluator
     from mixcli.inmemory import build_model
@@ -164,7 +167,8 @@ def zoo_candidates(zoo: Path, family: str, count: int, samples: int, in_place: b
         model = build_model(project_from_dict(data, zoo), model=previous if in_place else None)
         previous = model
         middle = time.perf_counter()
-        metrics = run_evaluator(evaluator, None, params, "bench", base_dir=zoo, model=model, show_progress=False)
+        with torch_threads(threads):
+            metrics = run_evaluator(evaluator, None, params, "bench", base_dir=zoo, model=model, show_progress=False)
         end = time.perf_counter()
         times["build"] += middle - start
         times["fitness"] += end - middle
@@ -175,17 +179,25 @@ def zoo_candidates(zoo: Path, family: str, count: int, samples: int, in_place: b
             "mean_score": sum(scores) / len(scores)}
 
 
-def part_two(zoo: Path, count: int, samples: int) -> None:
+def part_two(zoo: Path, count: int, samples: int, threads: int) -> None:
     if not (zoo / "vision" / "manifest.json").is_file():
         print(f"no zoo at {zoo}: part 2 skipped (build one with `mixcli zoo`)")
         return
+    from mixcli.core import open_models
     from mixcli.inmemory import build_model  # noqa: F401  (imports outside the timing)
+    from mixcli.project import project_from_dict
+    from mixcli_evolve.fitness import scoring_threads
+    from mixcli.plugins import get_registry
 
     print(f"{'zoo family':<10} {'model':<9} {'build s':>8} {'fitness s':>10} {'candidates/min':>15} {'mean score':>11}")
     for family in ("vision", "language"):
-        zoo_candidates(zoo, family, 1, samples, False)  # warm-up: imports and page cache, untimed
+        manifest = json.loads((zoo / family / "manifest.json").read_text())
+        base = project_from_dict({"models": {"base": str(zoo / manifest["base"])}, "method": {"name": "linear"}}, zoo)
+        family_threads = scoring_threads(threads, open_models(base, get_registry()).values())
+        print(f"{family}: fitness on {family_threads or 'torch default'} thread(s)", flush=True)
+        zoo_candidates(zoo, family, 1, samples, False, family_threads)  # warm-up: imports, page cache; untimed
         for in_place in (False, True):
-            row = zoo_candidates(zoo, family, count, samples, in_place)
+            row = zoo_candidates(zoo, family, count, samples, in_place, family_threads)
             print(f"{family:<10} {'in place' if in_place else 'new':<9} {row['build_s']:>8.3f} {row['fitness_s']:>10.3f} "
                   f"{row['per_minute']:>15.1f} {row['mean_score']:>11.3f}", flush=True)
 
@@ -197,6 +209,8 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, default=Path("/work/zoo-shared/quick"))
     parser.add_argument("--candidates", type=int, default=8, help="candidates per zoo family")
     parser.add_argument("--samples", type=int, default=0, help="rows per task for the fitness (0 = all)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for the fitness (0 = what mixcli evolve chooses: 1 for the zoo)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,7 +228,7 @@ def main() -> None:
         return
     if args.only != "none":
         part_one(args.root.absolute(), args.only.split(","))
-    part_two(args.zoo, args.candidates, args.samples)
+    part_two(args.zoo, args.candidates, args.samples, args.threads)
 
 
 if __name__ == "__main__":
