@@ -21,6 +21,14 @@ def assert_every_demo_project_validates(family: str, tmp_path, required: set[str
         path = render(example, tmp_path / "zoo", tmp_path / "checked")
         checked = CliRunner().invoke(cli, ["validate", str(path)])
         assert checked.exit_code == 0, f"{example.name}: {checked.output}"
+    # the evolve demos (`examples/demo/evolve/`, written for a quick zoo at zoo/quick), [search] included
+    searches = sorted((find_examples(None) / "evolve").glob(f"{family}-*.toml"))
+    assert searches
+    for example in searches:
+        path = tmp_path / "checked" / f"evolve-{example.name}"
+        path.write_text(example.read_text().replace("../../../zoo/quick/", (tmp_path / "zoo").resolve().as_posix() + "/"))
+        checked = CliRunner().invoke(cli, ["validate", str(path)])
+        assert checked.exit_code == 0, f"evolve/{example.name}: {checked.output}"
 
 
 def assert_splits_are_disjoint(zoo, family: str) -> dict:
