@@ -1,38 +1,40 @@
 """Time and memory of the singular-vector merges (tsv_merge, iso_c, iso_cts) next to ties and
 next to their floor: the same SVDs alone, on the same matrices, with the same threads.
 
-Two set-ups, base + 2 experts in bf16, embeddings and head excluded from the SVD rule as the
-method notes advise for causal LMs:
+Two set-ups, bf16, embeddings and head excluded from the SVD rule as the method notes advise
+for causal LMs:
 
-* ``--models DIR``: the three 0.85 B models of benchmarks/bench_merge.py (``DIR`` is its
-  ``--root``; built there if missing). The whole model is merged, so the peak RSS is the
-  full-size one; the SVD rule runs on the first ``--svd-layers`` layers (default: all 16; the
-  others take the mean task vector through ``decompose = false``). Every layer costs the
-  same, so a partial run's SVD seconds and its arithmetic beyond them scale with the layers
-  given the SVD rule, while reading, the mean path and writing stay those of the whole model:
-  the ratio of a partial run is above the full run's.
-* otherwise it builds (once, seeded) a small model of ``--layers`` layers in the same layout
-  (default 1: every matrix shape of the 0.85 B model at full size) under ``--root``.
+* ``--models DIR``: base + 2 experts, the three 0.85 B models of benchmarks/bench_merge.py
+  (``DIR`` is its ``--root``; built there if missing). The whole model is merged, so the peak
+  RSS is the full-size one; the SVD rule runs on the first ``--svd-layers`` layers (default:
+  all 16; the others take the mean task vector through ``decompose = false``). Every layer
+  costs the same, so a partial run's SVD seconds and its arithmetic beyond them scale with the
+  layers given the SVD rule, while reading, the mean path and writing stay those of the whole
+  model: a partial run's ratio is above the full run's.
+* otherwise it builds (once, seeded) base + ``--experts`` models of ``--layers`` layers in the
+  same layout (default 1 layer, 2 experts: every matrix shape of the 0.85 B model at full
+  size) under ``--root``; ``--experts 8`` shows where ``svd_solver = "randomized"`` pays.
 
 Projects and outputs go to ``--out`` (default: ``out-singular`` in the models' folder); each
-run's previous output is deleted untimed and the inputs' page cache is warmed first.
+run's previous output there is deleted untimed and the inputs' page cache is warmed first.
 
 Per method it prints the wall seconds, max RSS and peak anonymous memory of `mixcli merge`,
-and its floor: the seconds spent inside the SVDs (:func:`mixcli.svd.svd`, through which every
-SVD of these methods runs: each task vector's, the sum's, the residuals' and the polar
-factors'). The merge itself times them, so they are the same SVDs on the same matrices at the
-threads the engine gives them: a matrix of at least ``INTRA_OP_MIN_SIDE`` on both sides runs
-alone on every core, and its SVD seconds count as they are; smaller matrices run one per
-worker beside other tensors, so they are timed again afterwards, alone on one thread each,
-and their sum divided by the cores they would share. ``ratio`` is merge / floor;
-``arith s`` is what the large decomposed matrices cost beyond their SVDs (products, task
-vectors, rounding into the output); the rest of the wall is reading, the mean path of the
-other tensors and writing. ``--svd-solver randomized`` runs tsv_merge and iso_cts with their
-approximate SVD instead of the full one.
+and its floor: the seconds spent inside the decompositions of :mod:`mixcli.svd` (``svd``,
+through which every SVD of these methods runs: each task vector's, the sum's, the residuals'
+and the polar factors'; and ``randomized_svd``). The merge itself times them, so they are the
+same SVDs on the same matrices at the threads the engine gives them: a matrix of at least
+``INTRA_OP_MIN_SIDE`` on both sides runs alone on every core, and its SVD seconds count as
+they are; smaller matrices run one per worker beside other tensors, so they are timed again
+afterwards, alone on one thread each, and their sum is divided by the cores they would share.
+``ratio`` is merge / floor; ``arith s`` is what the large decomposed matrices cost beyond
+their SVDs (task vectors, products, rounding into the output); the rest of the wall is
+starting Python and torch, reading, the mean path of the other tensors and writing.
+``--svd-solver randomized`` runs tsv_merge with its approximate SVD (its floor is then the
+range finder's seconds and the polar SVDs').
 
     python benchmarks/bench_singular.py --models .bench [--svd-layers 1] [--only ties,tsv_merge,iso_cts]
         [--out DIR] [--svd-solver randomized]
-    python benchmarks/bench_singular.py [--root .bench/singular] [--layers 1] [--hidden 2048]
+    python benchmarks/bench_singular.py [--root .bench/singular] [--layers 1] [--experts 2] [--hidden 2048]
         [--intermediate 5632] [--vocab 32000] [--only tsv_merge,iso_cts] [--workers N]
 """
 
@@ -55,25 +57,31 @@ RECIPES = {
     "iso_c": f'name = "iso_c"\nbase = "base"\nscaling_factor = 1.5\nexclude_keys = {json.dumps(EXCLUDE)}',
     "iso_cts": f'name = "iso_cts"\nbase = "base"\nscaling_factor = 1.5\nexclude_keys = {json.dumps(EXCLUDE)}',
 }
-APPROXIMATE = ("tsv_merge", "iso_cts")  # the methods with svd_solver
+APPROXIMATE = ("tsv_merge",)  # the methods with svd_solver
 
-# the merge, with the seconds inside mixcli.svd.svd counted per output tensor (thread-local:
-# each tensor is computed on one worker thread) and written to argv[1] as JSON
+# the merge, with the seconds inside mixcli.svd's decompositions (svd, and randomized_svd for
+# svd_solver = "randomized", which may call svd: counted once) per output tensor, thread-local
+# (each tensor is computed on one worker thread), written to argv[1] as JSON
 CHILD = """
 import json, sys, threading, time
 import mixcli.svd
 from mixcli import tensorwise
 from mixcli.cli import cli
 
-records, local, svd, run = [], threading.local(), mixcli.svd.svd, tensorwise._Compute._run
+records, local, run = [], threading.local(), tensorwise._Compute._run
 
-def timed_svd(matrix):
-    start = time.perf_counter()
-    try:
-        return svd(matrix)
-    finally:
-        local.svd += time.perf_counter() - start
-        local.calls += 1
+def timed(function):
+    def call(*args):
+        if getattr(local, "inside", False):
+            return function(*args)
+        local.inside, start = True, time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            local.inside = False
+            local.svd += time.perf_counter() - start
+            local.calls += 1
+    return call
 
 def timed_run(self, target):
     local.svd, local.calls = 0.0, 0
@@ -83,7 +91,8 @@ def timed_run(self, target):
     finally:
         records.append([self.name, time.perf_counter() - start, local.svd, local.calls])
 
-mixcli.svd.svd, tensorwise._Compute._run = timed_svd, timed_run
+mixcli.svd.svd, mixcli.svd.randomized_svd = timed(mixcli.svd.svd), timed(mixcli.svd.randomized_svd)
+tensorwise._Compute._run = timed_run
 try:
     cli(sys.argv[2:], standalone_mode=False)
 finally:
@@ -111,7 +120,7 @@ def build(root: Path, args) -> None:
     from safetensors.torch import save_file
 
     marker = root / "built.json"
-    wanted = {"shapes": {k: list(v) for k, v in shapes(args).items()}}
+    wanted = {"shapes": {k: list(v) for k, v in shapes(args).items()}, "experts": args.experts}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return
     g = torch.Generator().manual_seed(0)
@@ -119,7 +128,7 @@ def build(root: Path, args) -> None:
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=args.hidden,
                   intermediate_size=args.intermediate, num_hidden_layers=args.layers, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=args.vocab, tie_word_embeddings=False, dtype="bfloat16")
-    for name in ("base", "ft1", "ft2"):
+    for name in ["base"] + [f"ft{i + 1}" for i in range(args.experts)]:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         tensors = base if name == "base" else {
@@ -137,12 +146,13 @@ def svd_rule(svd_layers: int | None) -> str:
     return f"\ndecompose = [{', '.join(keep + ['{ value = false }'])}]"
 
 
-def write_project(root: Path, out: Path, method: str, svd_layers: int | None, solver: str | None) -> Path:
+def write_project(root: Path, out: Path, method: str, svd_layers: int | None, solver: str | None,
+                  experts: int) -> Path:
     label = method if solver is None else f"{method}-{solver}"
     project = out / f"{label}.toml"
     rule = svd_rule(svd_layers) if method != "ties" else ""
     rule += f'\nsvd_solver = "{solver}"' if solver else ""
-    models = "".join(f'{name} = "{root / name}"\n' for name in ("base", "ft1", "ft2"))
+    models = "".join(f'{name} = "{root / name}"\n' for name in ["base"] + [f"ft{i + 1}" for i in range(experts)])
     project.write_text(f'[models]\n{models}[method]\n{RECIPES[method]}{rule}\ndtype = "bfloat16"\n'
                        f'[output]\npath = "out-{label}"\ncopy_tokenizer = false\n')
     return project
@@ -173,24 +183,29 @@ def floor(project: Path, records: list, workers: int) -> tuple[float, float]:
     planned = {t.name: t for t in prepared.plan.tensors}
     large = [r for r in records if r[3] and min(planned[r[0]].shape) >= INTRA_OP_MIN_SIDE]
     small = {r[0] for r in records if r[3]} - {r[0] for r in large}
-    seconds, svd = [0.0], mixcli.svd.svd
+    seconds, inside, originals = [0.0], [False], (mixcli.svd.svd, mixcli.svd.randomized_svd)
 
-    def timed_svd(matrix):
-        start = time.perf_counter()
-        try:
-            return svd(matrix)
-        finally:
-            seconds[0] += time.perf_counter() - start
+    def timed(function):
+        def call(*args):
+            if inside[0]:
+                return function(*args)
+            inside[0], start = True, time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                inside[0] = False
+                seconds[0] += time.perf_counter() - start
+        return call
 
     # the smaller matrices alone, one thread each (as the engine gives them), then shared out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    mixcli.svd.svd = timed_svd
+    mixcli.svd.svd, mixcli.svd.randomized_svd = (timed(f) for f in originals)
     try:
         for name in sorted(small):
             planned[name].compute()
     finally:
-        mixcli.svd.svd = svd
+        mixcli.svd.svd, mixcli.svd.randomized_svd = originals
         torch.set_num_threads(threads)
     cores = min(workers, os.cpu_count() or 1)
     return sum(r[2] for r in large) + seconds[0] / cores, sum(r[1] - r[2] for r in large)
@@ -203,11 +218,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(".bench/singular"))
     parser.add_argument("--out", type=Path, help="projects and outputs (default: out-singular in the models' folder)")
     parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--experts", type=int, default=2, help="without --models: fine-tunes built besides the base")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--only", default="ties,tsv_merge,iso_c,iso_cts")
-    parser.add_argument("--svd-solver", choices=("full", "randomized"), help="tsv_merge's and iso_cts's svd_solver")
+    parser.add_argument("--svd-solver", choices=("full", "randomized"), help="tsv_merge's svd_solver")
     parser.add_argument("--workers", type=int)
     args = parser.parse_args()
     from mixcli.engine import default_workers
@@ -227,12 +243,12 @@ def main() -> None:
         print(f"{args.layers} layer(s), hidden {args.hidden}, intermediate {args.intermediate}; ", end="")
     out = (args.out or root / "out-singular").absolute()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"base + 2 experts, bf16; {os.cpu_count()} cores, {workers} workers")
+    print(f"base + {2 if args.models else args.experts} experts, bf16; {os.cpu_count()} cores, {workers} workers")
     print(f"{'method':<20} {'merge s':>8} {'max RSS MiB':>12} {'anon MiB':>9} {'SVD floor s':>12} {'ratio':>6} "
           f"{'arith s':>8} {'load':>10}")
     for method in args.only.split(","):
         solver = args.svd_solver if method in APPROXIMATE else None
-        project = write_project(root, out, method, svd_layers, solver)
+        project = write_project(root, out, method, svd_layers, solver, 2 if args.models else args.experts)
         result, records = run_merge(root, out, project, args.workers)
         svd_floor, arithmetic = floor(project, records, workers) if method != "ties" else (None, None)
         cells = (f"{svd_floor:12.1f} {result['wall_s'] / svd_floor:6.2f} {arithmetic:8.1f}" if svd_floor

@@ -348,3 +348,85 @@ def test_the_merges_that_let_each_matrix_go_once_used_have_the_bits_of_the_plain
     blocks = [kept(*truncated_svd(t - u_c @ (u_c.T @ t), d, float(s[0]))) for t in taus]
     plain_cts = plain_orthogonalised(blocks + [kept(u_c, s[:c], vh[:c])], total, flat=True)
     assert torch.equal(iso_cts(xs, base, scaling_factor=1.5), finish(base, plain_cts, 1.5))
+
+
+def decaying_family(t, shape, slope, seed=0):
+    """A float32 base and ``t`` models whose task vectors have singular values ``j^-slope`` on
+    random orthonormal bases, seeded. Fine-tuned task vectors decay: the quick zoo's experts'
+    fall as j^-1.1 to j^-1.7 over their top half (every 2-D tensor of its language and vision
+    families), so slope 1 is the slower, harder end; slope 0 (a flat spectrum) is noise."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    r = min(m, n)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    values = torch.arange(1, r + 1, dtype=torch.float64) ** -slope
+    models = []
+    for _ in range(t):
+        u = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+        models.append((base + 0.01 * (u * values) @ v.T).float())
+    return base.float(), models
+
+
+def relative_error(got, want, base):
+    return float((got.double() - want.double()).norm() / (want.double() - base.double()).norm())
+
+
+@pytest.mark.parametrize("tasks, shape", [(4, (192, 128)), (8, (192, 128)), (6, (96, 160))])
+def test_the_randomized_svd_keeps_tsv_within_its_tolerance_on_decaying_spectra(tasks, shape):
+    # the stated tolerance: the merged task vector within 1e-2 (relative Frobenius) of the
+    # full-SVD merge, on spectra decaying at least as j^-1
+    base, xs = decaying_family(tasks, shape, slope=1.0)
+    full = tsv_merge(xs, base)
+    randomized = tsv_merge(xs, base, svd_solver="randomized")
+    assert 0 < relative_error(randomized, full, base) <= 1e-2
+
+
+def test_the_randomized_svd_does_not_hold_on_a_flat_spectrum():
+    # noise has no top directions to find: the documented limit of the option
+    base, xs = decaying_family(4, (192, 128), slope=0.0)
+    assert relative_error(tsv_merge(xs, base, svd_solver="randomized"), tsv_merge(xs, base), base) > 0.1
+
+
+def test_the_randomized_svd_is_the_full_one_where_its_sketch_spans_the_rank():
+    # T = 2 keeps r/2 per task: a sketch of 2k = r columns would be the whole space, so it is
+    # the full SVD, bit for bit (and buys nothing)
+    base, xs = decaying_family(2, (192, 128), slope=1.0)
+    assert torch.equal(tsv_merge(xs, base, svd_solver="randomized"), tsv_merge(xs, base))
+
+
+def test_the_randomized_svd_adds_no_direction_for_a_zero_task_vector():
+    base, xs = family(4, shape=(60, 48))
+    frozen = xs[:3] + [base.clone()]
+    k = rank_per_task(48, 4)  # 12: a sketch of 24 < 48 columns, so the range finder runs
+    taus = [x - base for x in xs[:3]]
+    torch.testing.assert_close(tsv_merge(frozen, base, svd_solver="randomized") - base,
+                               tsv_delta(taus, k, "randomized"), rtol=1e-10, atol=1e-12)
+
+
+def test_svd_solver_randomized_through_the_cli(tmp_path, llama_family):
+    project = write_project(tmp_path, f"""
+[models]
+base = "{llama_family['base']}"
+ft1 = "{llama_family['ft1']}"
+ft2 = "{llama_family['ft2']}"
+ft3 = "{llama_family['ft3']}"
+[method]
+name = "tsv_merge"
+base = "base"
+svd_solver = "randomized"
+exclude_keys = ["model.embed_tokens.weight", "lm_head.weight"]
+[output]
+path = "out"
+""")
+    result = CliRunner().invoke(cli, ["merge", str(project), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    merged = tiny_models.load_tensors(tmp_path / "out")
+    inputs = {m: tiny_models.load_tensors(llama_family[m]) for m in ("base", "ft1", "ft2", "ft3")}
+    name = "model.layers.0.mlp.up_proj.weight"  # 160 x 64, k = 21: the range finder runs
+    expected = tsv_merge([inputs[m][name] for m in ("ft1", "ft2", "ft3")], inputs["base"][name],
+                         svd_solver="randomized")
+    torch.testing.assert_close(merged[name], expected, rtol=1e-4, atol=1e-5)
+    bad = write_project(tmp_path, project.read_text().replace('"randomized"', '"lanczos"'), "bad.toml")
+    result = CliRunner().invoke(cli, ["merge", str(bad), "--no-progress"])
+    assert result.exit_code == 1 and "svd_solver" in result.output and "randomized" in result.output

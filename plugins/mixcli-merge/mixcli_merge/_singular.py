@@ -22,6 +22,12 @@ def decompose_param():
     return param(True, help=DECOMPOSE_HELP)
 
 
+def svd_solver_param():
+    return param("full", help="mixcli only: \"randomized\" finds each task's top components by a randomized "
+                              "range finder (mixcli.svd.randomized_svd: within 1e-2 of \"full\" on decaying spectra)",
+                 choices=("full", "randomized"))
+
+
 def task_vectors(tensors, base, weights=None) -> list:
     """``weight_i · (X_i − W0)`` in float32 (float64 for float64 inputs). The task models'
     mapped pages go once these hold the values (:func:`release_pages`; the base's stay for

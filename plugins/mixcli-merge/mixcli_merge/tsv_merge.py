@@ -10,8 +10,8 @@ from mixcli import MergeMethod, param
 from mixcli.errors import warn
 from mixcli.svd import kept, rank_per_task, truncated_svd
 
-from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, written, orthogonalised,
-                        task_vectors, working_memory)
+from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, orthogonalised,
+                        svd_solver_param, task_vectors, working_memory, written)
 from ._torch import torch
 
 
@@ -22,20 +22,22 @@ class Params:
                                     "list-valued alpha)", per_model=True)
     exclude_keys: list[str] = exclude_keys_param()
     decompose: bool = decompose_param()
+    svd_solver: str = svd_solver_param()
 
 
-def tsv_delta(taus: list, k: int):
+def tsv_delta(taus: list, k: int, solver: str = "full"):
     """``polar(Û) diag(ŝ) polar(V̂ᵀ)`` from each task vector's top-``k`` components;
     components a task does not have (zero or low rank) are left out, not invented. ``taus``
     is emptied: each task vector goes once decomposed (the merge holds a few matrices)."""
     shape, dtype = taus[0].shape, taus[0].dtype
     blocks = []
     while taus:
-        blocks.append(kept(*truncated_svd(taus.pop(0), k)))
+        blocks.append(kept(*truncated_svd(taus.pop(0), k, solver=solver)))
     return orthogonalised(blocks, shape, dtype, flat=False)
 
 
-def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompose=True, name=None, out=None):
+def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompose=True, svd_solver="full", name=None,
+              out=None):
     weights = weight if isinstance(weight, (list, tuple)) else [weight] * len(tensors)
     if not is_matrix(base, name, exclude_keys, decompose):
         return mean_merged(tensors, base, alpha, weights, out)
@@ -45,7 +47,7 @@ def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompos
         warn(f"tensor '{name}': tsv_merge keeps int({min(base.shape)}/{len(taus)}) = 0 components per task; "
              "it stays the base")
         return written(finish(base, torch.zeros_like(taus[0]), alpha), out)
-    return written(finish(base, tsv_delta(taus, k), alpha), out)
+    return written(finish(base, tsv_delta(taus, k, svd_solver), alpha), out)
 
 
 METHOD = MergeMethod(
