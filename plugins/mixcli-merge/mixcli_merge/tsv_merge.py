@@ -8,7 +8,7 @@ import dataclasses
 
 from mixcli import MergeMethod, param
 from mixcli.errors import warn
-from mixcli.svd import kept, rank_per_task, truncated_svd
+from mixcli.svd import kept, rank_per_task, truncated_svd, working
 
 from ._singular import (decompose_param, exclude_keys_param, finish, is_matrix, mean_merged, orthogonalised,
                         svd_solver_param, task_vectors, working_memory, written)
@@ -25,14 +25,16 @@ class Params:
     svd_solver: str = svd_solver_param()
 
 
-def tsv_delta(taus: list, k: int, solver: str = "full"):
+def tsv_delta(taus, k: int, solver: str = "full"):
     """``polar(Û) diag(ŝ) polar(V̂ᵀ)`` from each task vector's top-``k`` components;
     components a task does not have (zero or low rank) are left out, not invented. ``taus``
-    is emptied: each task vector goes once decomposed (the merge holds a few matrices)."""
-    shape, dtype = taus[0].shape, taus[0].dtype
+    is a list, which is emptied, or an iterator: each task vector goes once decomposed, so
+    the merge holds one of them, not T."""
     blocks = []
-    while taus:
-        blocks.append(kept(*truncated_svd(taus.pop(0), k, solver=solver)))
+    for tau in ((taus.pop(0) for _ in range(len(taus))) if isinstance(taus, list) else taus):
+        shape, dtype = tau.shape, tau.dtype
+        blocks.append(kept(*truncated_svd(tau, k, solver=solver)))
+        del tau
     return orthogonalised(blocks, shape, dtype, flat=False)
 
 
@@ -41,12 +43,13 @@ def tsv_merge(tensors, base, *, alpha=1.0, weight=1.0, exclude_keys=(), decompos
     weights = weight if isinstance(weight, (list, tuple)) else [weight] * len(tensors)
     if not is_matrix(base, name, exclude_keys, decompose):
         return mean_merged(tensors, base, alpha, weights, out)
-    taus = task_vectors(tensors, base, weights)
-    k = rank_per_task(min(base.shape), len(taus))
+    k = rank_per_task(min(base.shape), len(tensors))
     if k == 0:
-        warn(f"tensor '{name}': tsv_merge keeps int({min(base.shape)}/{len(taus)}) = 0 components per task; "
+        warn(f"tensor '{name}': tsv_merge keeps int({min(base.shape)}/{len(tensors)}) = 0 components per task; "
              "it stays the base")
-        return written(finish(base, torch.zeros_like(taus[0]), alpha), out)
+        zeros = torch.zeros(base.shape, dtype=working(base[:0]).dtype, device=base.device)
+        return written(finish(base, zeros, alpha), out)
+    taus = (task_vectors([x], base, [w])[0] for x, w in zip(tensors, weights))  # made one at a time
     return written(finish(base, tsv_delta(taus, k, svd_solver), alpha), out)
 
 
