@@ -24,7 +24,8 @@ def decompose_param():
 
 def svd_solver_param():
     return param("full", help="mixcli only: \"randomized\" finds each task's top components by a randomized "
-                              "range finder (mixcli.svd.randomized_svd: within 1e-2 of \"full\" on decaying spectra)",
+                              "range finder where T >= 8, the full SVD below (mixcli.svd.randomized_svd: within "
+                              "1e-2 of \"full\" on decaying spectra, not on noise)",
                  choices=("full", "randomized"))
 
 
