@@ -36,6 +36,7 @@ range finder's seconds and the polar SVDs').
         [--out DIR] [--svd-solver randomized]
     python benchmarks/bench_singular.py [--root .bench/singular] [--layers 1] [--experts 2] [--hidden 2048]
         [--intermediate 5632] [--vocab 32000] [--only tsv_merge,iso_cts] [--workers N]
+    python benchmarks/bench_singular.py --solver-times   # full SVD vs range finder, T = 4, 8, 16
 """
 
 from __future__ import annotations
@@ -211,6 +212,33 @@ def floor(project: Path, records: list, workers: int) -> tuple[float, float]:
     return sum(r[2] for r in large) + seconds[0] / cores, sum(r[1] - r[2] for r in large)
 
 
+def solver_times(shapes=((2048, 2048), (5632, 2048)), tasks=(4, 8, 16)) -> None:
+    """Seconds of the full SVD and of the range finder of ``svd_solver = "randomized"``
+    (:func:`mixcli.svd.range_finder_svd`, run directly also below T = 8, where the method
+    takes the full SVD instead) at TSV-M's k = int(r/T), on every core as the engine gives a
+    large matrix, on seeded float32 matrices (the range finder's time does not depend on
+    the values)."""
+    import time
+
+    import torch
+
+    from mixcli.svd import range_finder_svd, svd
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    generator = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        matrix = torch.randn(*shape, generator=generator)
+        start = time.perf_counter()
+        svd(matrix)
+        cells = [f"full SVD {time.perf_counter() - start:.2f} s"]
+        for t in tasks:
+            k = int(min(shape) / t)
+            start = time.perf_counter()
+            range_finder_svd(matrix, k)
+            cells.append(f"range finder T={t} (k={k}) {time.perf_counter() - start:.2f} s")
+        print(f"{shape[0]} x {shape[1]}: " + ", ".join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, help="bench_merge.py's root: its three 0.85 B models")
@@ -225,7 +253,11 @@ def main() -> None:
     parser.add_argument("--only", default="ties,tsv_merge,iso_c,iso_cts")
     parser.add_argument("--svd-solver", choices=("full", "randomized"), help="tsv_merge's svd_solver")
     parser.add_argument("--workers", type=int)
+    parser.add_argument("--solver-times", action="store_true",
+                        help="only time the full SVD against svd_solver = \"randomized\"'s range finder")
     args = parser.parse_args()
+    if args.solver_times:
+        return solver_times()
     from mixcli.engine import default_workers
 
     workers = args.workers or default_workers()

@@ -74,18 +74,23 @@ def randomized_svd(matrix, k: int):
     Martinsson and Tropp 2011, algorithms 4.4 and 5.1). The QRs run on the shorter side.
 
     It pays only where the sketch is at most a quarter of the rank (``8k <= min(m, n)``; on 2
-    cores, 2048 x 2048 and 5632 x 2048 in float32: k = r/8 took 0.41x and 0.60x the full SVD's
-    time, k = r/4 1.2x and 1.9x): elsewhere this is :func:`svd` itself, bit for bit. Where
-    it runs, the error is that of the spectrum: on task
-    vectors whose singular values fall at least as ``j⁻¹`` (fine-tunes' do, about ``j⁻¹·¹``
-    to ``j⁻¹·⁷`` in the zoo's), TSV-M's merged task vector stays within 1e-2 (relative
-    Frobenius) of the full-SVD merge; on a flat spectrum (noise) the top ``k`` directions
-    are not determined and it does not (tests/test_singular_merges.py)."""
+    cores, 2048 x 2048 and 5632 x 2048 in float32: k = r/8 took 0.39x and 0.61x the full SVD's
+    time, k = r/4 1.15x and 1.94x; bench_singular.py --solver-times): elsewhere this is
+    :func:`svd` itself, bit for bit. Where it runs, the error is that of the spectrum: on
+    task vectors whose singular values fall at least as ``j⁻¹`` (fine-tunes' do, about
+    ``j⁻¹·¹`` to ``j⁻¹·⁷`` in the zoo's), TSV-M's merged task vector stays within 1e-2
+    (relative Frobenius) of the full-SVD merge; on a flat spectrum (noise) the top ``k``
+    directions are not determined and it does not (tests/test_singular_merges.py)."""
+    if 8 * k > min(matrix.shape):
+        return svd(matrix)
+    return range_finder_svd(matrix, k)
+
+
+def range_finder_svd(matrix, k: int):
+    """:func:`randomized_svd`'s range finder, wherever ``k`` lies (benchmarks time it)."""
     import torch
 
     m, n = matrix.shape
-    if 8 * k > min(m, n):
-        return svd(matrix)
     wide = matrix.T if m > n else matrix  # m' <= n': QRs of m' x 2k
     generator = torch.Generator(device=matrix.device).manual_seed(0)
     sketch = torch.randn(wide.shape[1], 2 * k, generator=generator, dtype=matrix.dtype, device=matrix.device)
