@@ -52,3 +52,20 @@ def write_project(folder: Path, text: str, name: str = "project.toml") -> Path:
     path = Path(folder) / name
     path.write_text(text)
     return path
+
+
+def evolve_toy_folder(tmp_path_factory, family, plugin, name: str, share: float) -> Path:
+    """For the evolve tests' toy problems: the plugins reset with ``plugin`` registered, and a
+    fresh folder holding ``target/``, ``share`` of ft1 plus the rest of ft2."""
+    from safetensors.torch import save_file
+
+    from mixcli import plugins
+
+    plugins.reset()
+    plugins.load_plugins()
+    plugins.pm.register(plugin, name=name)
+    folder = tmp_path_factory.mktemp(name)
+    a, b = tiny_models.load_tensors(family["ft1"]), tiny_models.load_tensors(family["ft2"])
+    (folder / "target").mkdir()
+    save_file({k: share * a[k] + (1 - share) * b[k] for k in a}, folder / "target" / "model.safetensors")
+    return folder

@@ -16,7 +16,7 @@ import torch
 
 import mixcli
 import tiny_models
-from conftest import write_project
+from conftest import evolve_toy_folder, write_project
 from mixcli import plugins
 
 CALLS = []  # the candidates the toy evaluator measured, in order
@@ -50,16 +50,8 @@ class ToyPlugin:
 
 @pytest.fixture
 def toy(tmp_path_factory, llama_family):
-    plugins.reset()
-    plugins.load_plugins()
-    plugins.pm.register(ToyPlugin, name="evolve-both-toy")
+    folder = evolve_toy_folder(tmp_path_factory, llama_family, ToyPlugin, "evolve-both-toy", 0.7)
     CALLS.clear()
-    folder = tmp_path_factory.mktemp("both")
-    a, b = tiny_models.load_tensors(llama_family["ft1"]), tiny_models.load_tensors(llama_family["ft2"])
-    from safetensors.torch import save_file
-
-    (folder / "target").mkdir()
-    save_file({k: 0.7 * a[k] + 0.3 * b[k] for k in a}, folder / "target" / "model.safetensors")
 
     def project(search: str, name: str = "project.toml", output: str = "out", extra_model: str = "") -> Path:
         return write_project(folder, f"""

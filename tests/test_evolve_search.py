@@ -13,7 +13,7 @@ import torch
 
 import mixcli
 import tiny_models
-from conftest import write_project
+from conftest import evolve_toy_folder, write_project
 from mixcli import plugins
 
 CALLS = []  # the folders the toy evaluator measured, in order
@@ -71,16 +71,8 @@ class ToyPlugin:
 @pytest.fixture
 def toy(tmp_path_factory, llama_family):
     """The toy plugin registered; a folder with the target model; a function writing projects."""
-    plugins.reset()
-    plugins.load_plugins()
-    plugins.pm.register(ToyPlugin, name="evolve-toy")
+    folder = evolve_toy_folder(tmp_path_factory, llama_family, ToyPlugin, "evolve-toy", TARGET_SHARE)
     CALLS.clear()
-    folder = tmp_path_factory.mktemp("toy")
-    a, b = tiny_models.load_tensors(llama_family["ft1"]), tiny_models.load_tensors(llama_family["ft2"])
-    from safetensors.torch import save_file
-
-    (folder / "target").mkdir()
-    save_file({k: TARGET_SHARE * a[k] + (1 - TARGET_SHARE) * b[k] for k in a}, folder / "target" / "model.safetensors")
 
     def project(search: str, name: str = "project.toml", output: str = "out") -> Path:
         return write_project(folder, f"""
